@@ -1,0 +1,382 @@
+"""Cache: the public API, composed of the coherent L1 and the SQLite store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, TypeVar
+
+from . import codec
+from .codec import TAG_INT, UndecodableValue, check_key, decode, encode
+from .config import Settings
+from .errors import InvalidKeyError, LockTimeout
+from .l1 import ABSENT, L1, slot_of
+from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+MISSING: Any = object()  # "argument not given" / "no value"; None is a value
+T = TypeVar("T")
+_NEVER = float("inf")
+_GONE = object()  # a ttl <= 0: store nothing, remove the key
+
+
+class Cache:
+    """A cache shared by every process of the host through one SQLite file.
+
+    ``get`` serves from the in-process L1 while no process has written the key since;
+    otherwise it reads the store. Every write is one SQLite transaction.
+    """
+
+    def __init__(
+        self,
+        directory: str | None = None,
+        *,
+        prefix: str | None = None,
+        default_ttl: float | timedelta | None = MISSING,
+        l1_max_items: int | None = None,
+        settings: Settings | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        **options: Any,
+    ) -> None:
+        given: dict[str, Any] = dict(options)
+        if directory is not None:
+            given["directory"] = directory
+        if prefix is not None:
+            given["prefix"] = prefix
+        if default_ttl is not MISSING:
+            given["default_ttl"] = default_ttl
+        if l1_max_items is not None:
+            given["l1_max_items"] = l1_max_items
+        try:
+            self.settings = settings.replace(**given) if settings else Settings(**given)
+        except TypeError as exc:  # an unknown keyword
+            raise TypeError(f"Cache(): {exc}") from None
+        s = self.settings
+        self.prefix = s.prefix
+        self.default_ttl = s.default_ttl
+        self._clock = clock
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self.store = Store(
+            s.directory, busy_timeout=s.busy_timeout, max_bytes=s.max_bytes,
+            max_entries=s.max_entries, cull_frequency=s.cull_frequency,
+            clustered=s.clustered, allow_network_fs=s.allow_network_fs, clock=clock,
+        )
+        self._l1 = L1(self.store.tokens, s.l1_max_items, s.l1_max_age) if s.l1_max_items else None
+        self._l1_data = self._l1.data if self._l1 else None
+        self._tokens = self.store.tokens.tokens
+        self.hits = 0
+        self.misses = 0
+        self.l1_hits = 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Cache:
+        """A cache configured from ``HYPERCACHEIO_*`` variables (keywords override them)."""
+        clock_args = {k: overrides.pop(k) for k in ("clock", "monotonic", "sleep")
+                      if k in overrides}
+        return cls(settings=Settings.from_env(environ, **overrides), **clock_args)
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _key(self, key: Any) -> str:
+        return self.prefix + check_key(key)
+
+    def _expire_at(self, ttl: Any) -> Any:
+        """Absolute expiry for a ttl: None (never), _GONE (ttl <= 0) or a wall-clock time."""
+        if ttl is MISSING:
+            ttl = self.default_ttl
+        if ttl is None:
+            return None
+        if isinstance(ttl, timedelta):
+            seconds = ttl.total_seconds()
+        elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            seconds = float(ttl)
+        else:
+            raise TypeError(f"ttl must be seconds (int, float, timedelta) or None, "
+                            f"got {type(ttl).__name__}")
+        if seconds != seconds:  # NaN
+            raise ValueError("ttl must be a number of seconds, got NaN")
+        if seconds <= 0:
+            return _GONE
+        return self._clock() + seconds
+
+    def _forget_l1(self, key: str) -> None:
+        if self._l1_data is not None:
+            self._l1_data.pop(key, None)
+
+    # ---- reads -----------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``, or ``default`` if it is missing or expired."""
+        data = self._l1_data
+        if data is not None:
+            try:
+                entry = data.get(key)
+            except TypeError:  # unhashable: not a valid key; the slow path says why
+                entry = None
+            if entry is not None and self._tokens[entry[1]] == entry[2] \
+                    and entry[3] > self._clock():
+                self.l1_hits += 1
+                value = entry[0]
+                if value is ABSENT:
+                    self.misses += 1
+                    return default
+                self.hits += 1
+                if entry[4] is not None:
+                    return decode(*entry[4])
+                return value
+        return self._get_from_store(key, default)
+
+    def _get_from_store(self, key: str, default: Any) -> Any:
+        full = self._key(key)
+        l1 = self._l1
+        if l1 is not None:
+            slot = slot_of(full)
+            token = self._tokens[slot]  # read the token before the row (see l1.py)
+        row = self.store.get(full)
+        if row is None:
+            self.misses += 1
+            if l1 is not None:
+                l1.put(key, slot, token, ABSENT, 0, None, None, self._clock())
+            return default
+        tag, payload, expire_at = row
+        try:
+            value = decode(tag, payload)
+        except UndecodableValue as exc:
+            log.warning("value of %r cannot be decoded (%s); treating it as a miss", key, exc)
+            self.misses += 1
+            return default
+        self.hits += 1
+        if l1 is not None:
+            l1.put(key, slot, token, value, tag, payload, expire_at, self._clock())
+        return value
+
+    def has(self, key: str) -> bool:
+        """True if ``key`` holds a live value."""
+        return self.get(key, MISSING) is not MISSING
+
+    __contains__ = has
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """A dict of the keys that hold live values (missing keys are left out)."""
+        keys = list(keys)
+        found: dict[str, Any] = {}
+        wanted: list[str] = []
+        for key in keys:
+            check_key(key)
+        data = self._l1_data
+        for key in keys:
+            entry = data.get(key) if data is not None else None
+            if entry is not None and self._tokens[entry[1]] == entry[2] \
+                    and entry[3] > self._clock():
+                self.l1_hits += 1
+                if entry[0] is not ABSENT:
+                    found[key] = decode(*entry[4]) if entry[4] is not None else entry[0]
+            else:
+                wanted.append(key)
+        if wanted:
+            for key in wanted:  # per-key gets keep L1 filling and token order simple
+                value = self._get_from_store(key, MISSING)
+                if value is not MISSING:
+                    found[key] = value
+        return found
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds left for ``key``: None if it never expires, 0.0 if missing or expired."""
+        row = self.store.get(self._key(key))
+        if row is None:
+            return 0.0
+        if row[2] is None:
+            return None
+        return max(0.0, row[2] - self._clock())
+
+    # ---- writes ----------------------------------------------------------------------
+
+    def set(self, key: str, value: Any, ttl: Any = MISSING) -> bool:
+        """Store ``value``; ``ttl`` seconds (None: forever; <= 0: remove the key)."""
+        full = self._key(key)
+        expire_at = self._expire_at(ttl)
+        tag, payload = encode(value)
+        if expire_at is _GONE:
+            self.store.delete(full)
+        else:
+            self.store.set(full, tag, payload, expire_at)
+        self._forget_l1(key)
+        return True
+
+    def forever(self, key: str, value: Any) -> bool:
+        """Store ``value`` with no expiry, whatever ``default_ttl`` says."""
+        return self.set(key, value, ttl=None)
+
+    def add(self, key: str, value: Any, ttl: Any = MISSING) -> bool:
+        """Store only if ``key`` is missing or expired (atomic across processes)."""
+        full = self._key(key)
+        expire_at = self._expire_at(ttl)
+        tag, payload = encode(value)
+        if expire_at is _GONE:
+            return False
+        added = self.store.add(full, tag, payload, expire_at)
+        if added:
+            self._forget_l1(key)
+        return added
+
+    def set_many(self, mapping: Mapping[str, Any], ttl: Any = MISSING) -> list[str]:
+        """Store every pair in one transaction; returns the keys that failed (none)."""
+        expire_at = self._expire_at(ttl)
+        rows = [(self._key(k), *encode(v)) for k, v in mapping.items()]
+        if expire_at is _GONE:
+            self.store.delete_many([r[0] for r in rows])
+        else:
+            self.store.set_many((full, tag, payload, expire_at) for full, tag, payload in rows)
+        for key in mapping:
+            self._forget_l1(key)
+        return []
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; True if it held a live value."""
+        full = self._key(key)
+        deleted = self.store.delete(full)
+        self._forget_l1(key)
+        return deleted
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove keys in one transaction; returns how many held live values."""
+        keys = list(keys)
+        fulls = [self._key(k) for k in keys]
+        count = self.store.delete_many(fulls)
+        for key in keys:
+            self._forget_l1(key)
+        return count
+
+    def pull(self, key: str, default: Any = None) -> Any:
+        """Get and delete ``key`` in one transaction."""
+        full = self._key(key)
+        row = self.store.pull(full)
+        self._forget_l1(key)
+        if row is None:
+            return default
+        try:
+            return decode(row[0], row[1])
+        except UndecodableValue:
+            return default
+
+    def incr(self, key: str, delta: int = 1) -> int:
+        """Add ``delta`` atomically and return the new value; a missing key starts at 0."""
+        if type(delta) is not int:
+            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
+        full = self._key(key)
+        expire = self._expire_at(MISSING)
+        value = self.store.incr(full, delta, None if expire is _GONE else expire)
+        self._forget_l1(key)
+        return value
+
+    def decr(self, key: str, delta: int = 1) -> int:
+        """Subtract ``delta`` atomically and return the new value."""
+        if type(delta) is not int:
+            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
+        return self.incr(key, -delta)
+
+    def touch(self, key: str, ttl: Any = MISSING) -> bool:
+        """Give ``key`` a new ttl from now; False if it is missing. ttl <= 0 removes it."""
+        full = self._key(key)
+        expire_at = self._expire_at(ttl)
+        if expire_at is _GONE:
+            touched = self.store.delete(full)
+        else:
+            touched = self.store.touch(full, expire_at)
+        self._forget_l1(key)
+        return touched
+
+    def clear(self) -> None:
+        """Remove every entry of the store (all prefixes; locks stay)."""
+        self.store.clear()
+        if self._l1 is not None:
+            self._l1.clear()
+
+    def remember(self, key: str, ttl: Any, fn: Callable[[], T]) -> T:
+        """The value of ``key``, or ``fn()`` stored under it, computed once across processes.
+
+        Concurrent callers wait on a lock while one of them computes; if the lock cannot be
+        had within the default lock wait, the caller computes on its own.
+        """
+        value = self.get(key, MISSING)
+        if value is not MISSING:
+            return value  # type: ignore[no-any-return]
+        lock = self.lock(f"hypercacheio:remember:{key}"[:1024], ttl=60.0)
+        got = lock.acquire(blocking=True, timeout=DEFAULT_BLOCKING_TIMEOUT)
+        try:
+            value = self.get(key, MISSING)
+            if value is MISSING:
+                value = fn()
+                self.set(key, value, ttl)
+            return value  # type: ignore[no-any-return]
+        finally:
+            if got:
+                lock.release()
+
+    # ---- locks -----------------------------------------------------------------------
+
+    def lock(self, name: str, ttl: float | timedelta | None = 10.0, owner: str | None = None,
+             *, blocking_timeout: float | None = DEFAULT_BLOCKING_TIMEOUT) -> Lock:
+        """A lock named ``name`` held for at most ``ttl`` seconds (not yet acquired)."""
+        full = self._key(name)
+        seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
+        if seconds is not None and (isinstance(seconds, bool)
+                                    or not isinstance(seconds, (int, float))):
+            raise TypeError(f"lock ttl must be seconds or None, got {type(ttl).__name__}")
+        if owner is not None and not isinstance(owner, str):
+            raise TypeError(f"lock owner must be a str, got {type(owner).__name__}")
+        return Lock(self.store, full, None if seconds is None else float(seconds), owner,
+                    blocking_timeout=blocking_timeout, monotonic=self._monotonic,
+                    sleep=self._sleep, display_name=name)
+
+    def restore_lock(self, name: str, owner: str) -> Lock:
+        """A handle on a lock that ``owner`` acquired elsewhere (another process or request)."""
+        info = self.store.lock_info(self._key(name))
+        lock = self.lock(name, ttl=None, owner=owner)
+        if info is not None and info[0] == owner:
+            lock.fence = info[2]
+            if info[1] is not None:
+                lock.ttl = max(0.001, info[1] - self._clock())
+        return lock
+
+    # ---- maintenance -----------------------------------------------------------------
+
+    def purge_expired(self) -> int:
+        """Remove every expired entry and lock now; returns how many entries went."""
+        return self.store.purge_expired()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this Cache object and figures of the store it shares."""
+        out = {
+            "hits": self.hits,
+            "misses": self.misses,
+            "l1_hits": self.l1_hits,
+            "l1_items": len(self._l1_data) if self._l1_data is not None else 0,
+        }
+        out.update(self.store.stats())
+        return out
+
+    def close(self) -> None:
+        """Close this thread's database connection; the cache reopens it if used again."""
+        self.store.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Cache {self.store.directory!r} prefix={self.prefix!r}>"
+
+
+__all__ = ["Cache", "MISSING"]
