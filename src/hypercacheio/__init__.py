@@ -14,6 +14,7 @@ from .errors import (
     StorageError,
 )
 from .lock import Lock
+from .node.client import RemoteCache
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "LockError",
     "LockTimeout",
     "NodeUnavailable",
+    "RemoteCache",
     "Settings",
     "StorageError",
     "__version__",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -72,9 +73,29 @@ class Cache:
         self._l1 = L1(self.store.tokens, s.l1_max_items, s.l1_max_age) if s.l1_max_items else None
         self._l1_data = self._l1.data if self._l1 else None
         self._tokens = self.store.tokens.tokens
-        self.hits = 0
-        self.misses = 0
-        self.l1_hits = 0
+        # An L1 hit bumps only ``l1_hits``; ``hits`` and ``misses`` are derived (properties).
+        self._hits = 0  # found by the store path
+        self._misses = 0  # missed by the store path
+        self.l1_hits = 0  # served by L1, found or known absent
+        self._l1_misses = 0  # served by L1 as known absent
+
+    @property
+    def hits(self) -> int:
+        """Gets that found a value (from L1 or the store)."""
+        return self._hits + self.l1_hits - self._l1_misses
+
+    @hits.setter
+    def hits(self, value: int) -> None:
+        self._hits = value - (self.l1_hits - self._l1_misses)
+
+    @property
+    def misses(self) -> int:
+        """Gets that found nothing (from L1 or the store)."""
+        return self._misses + self._l1_misses
+
+    @misses.setter
+    def misses(self, value: int) -> None:
+        self._misses = value - self._l1_misses
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Cache:
@@ -115,23 +136,27 @@ class Cache:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if it is missing or expired."""
+        # The L1 hit path is the hottest code of the package: one subscript, one unpack,
+        # the slot's token, the deadline, one counter (``hits`` is derived from it).
         data = self._l1_data
         if data is not None:
             try:
-                entry = data.get(key)
-            except TypeError:  # unhashable: not a valid key; the slow path says why
-                entry = None
-            if entry is not None and self._tokens[entry[1]] == entry[2] \
-                    and entry[3] > self._clock():
-                self.l1_hits += 1
-                value = entry[0]
-                if value is ABSENT:
-                    self.misses += 1
-                    return default
-                self.hits += 1
-                if entry[4] is not None:
-                    return decode(*entry[4])
-                return value
+                value, slot, token, deadline, encoded = data[key]
+            except (KeyError, TypeError):  # not in L1 (unhashable: the store path says why)
+                pass
+            else:
+                if self._tokens[slot] == token and deadline > self._clock():
+                    self.l1_hits += 1
+                    if encoded is None:
+                        if value is not ABSENT:
+                            return value
+                        self._l1_misses += 1
+                        return default
+                    try:
+                        return decode(*encoded)
+                    except UndecodableValue:  # its class went away since: a miss
+                        self.l1_hits -= 1
+                        data.pop(key, None)
         return self._get_from_store(key, default)
 
     def _get_from_store(self, key: str, default: Any) -> Any:
@@ -142,7 +167,7 @@ class Cache:
             token = self._tokens[slot]  # read the token before the row (see l1.py)
         row = self.store.get(full)
         if row is None:
-            self.misses += 1
+            self._misses += 1
             if l1 is not None:
                 l1.put(key, slot, token, ABSENT, 0, None, None, self._clock())
             return default
@@ -151,9 +176,9 @@ class Cache:
             value = decode(tag, payload)
         except UndecodableValue as exc:
             log.warning("value of %r cannot be decoded (%s); treating it as a miss", key, exc)
-            self.misses += 1
+            self._misses += 1
             return default
-        self.hits += 1
+        self._hits += 1
         if l1 is not None:
             l1.put(key, slot, token, value, tag, payload, expire_at, self._clock())
         return value
@@ -178,7 +203,10 @@ class Cache:
                     and entry[3] > self._clock():
                 self.l1_hits += 1
                 if entry[0] is not ABSENT:
-                    found[key] = decode(*entry[4]) if entry[4] is not None else entry[0]
+                    try:
+                        found[key] = decode(*entry[4]) if entry[4] is not None else entry[0]
+                    except UndecodableValue:  # its class went away since: ask the store
+                        wanted.append(key)
             else:
                 wanted.append(key)
         if wanted:
@@ -267,21 +295,25 @@ class Cache:
         except UndecodableValue:
             return default
 
-    def incr(self, key: str, delta: int = 1) -> int:
-        """Add ``delta`` atomically and return the new value; a missing key starts at 0."""
+    def incr(self, key: str, delta: int = 1, *, create: bool = True) -> int:
+        """Add ``delta`` atomically and return the new value; a missing key starts at 0.
+
+        With ``create=False`` a missing key raises KeyError and nothing is stored
+        (Django's contract for ``incr``).
+        """
         if type(delta) is not int:
             raise TypeError(f"delta must be an int, got {type(delta).__name__}")
         full = self._key(key)
         expire = self._expire_at(MISSING)
-        value = self.store.incr(full, delta, None if expire is _GONE else expire)
+        value = self.store.incr(full, delta, None if expire is _GONE else expire, create=create)
         self._forget_l1(key)
         return value
 
-    def decr(self, key: str, delta: int = 1) -> int:
+    def decr(self, key: str, delta: int = 1, *, create: bool = True) -> int:
         """Subtract ``delta`` atomically and return the new value."""
         if type(delta) is not int:
             raise TypeError(f"delta must be an int, got {type(delta).__name__}")
-        return self.incr(key, -delta)
+        return self.incr(key, -delta, create=create)
 
     def touch(self, key: str, ttl: Any = MISSING) -> bool:
         """Give ``key`` a new ttl from now; False if it is missing. ttl <= 0 removes it."""
@@ -309,7 +341,10 @@ class Cache:
         value = self.get(key, MISSING)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
-        lock = self.lock(f"hypercacheio:remember:{key}"[:1024], ttl=60.0)
+        name = f"hypercacheio:remember:{key}"
+        if len(name.encode("utf-8")) > codec.MAX_KEY_BYTES:  # a long key: name its digest
+            name = "hypercacheio:remember:#" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+        lock = self.lock(name, ttl=60.0)
         got = lock.acquire(blocking=True, timeout=DEFAULT_BLOCKING_TIMEOUT)
         try:
             value = self.get(key, MISSING)

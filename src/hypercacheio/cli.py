@@ -198,5 +198,15 @@ def purge_cmd(directory: str | None) -> None:
     console.print(f"removed {removed} expired entries")
 
 
+from .service_commands import check_cmd, service_group  # noqa: E402
+
+main.add_command(service_group)
+main.add_command(check_cmd)
+
+
+from .node.commands import node_group  # noqa: E402
+
+main.add_command(node_group)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

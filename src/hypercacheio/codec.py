@@ -40,6 +40,12 @@ def encode(value: Any) -> tuple[int, Payload]:
     if kind is bytes:
         return TAG_BYTES, value
     if kind is str:
+        if value.isascii():
+            return TAG_STR, value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: SQLite TEXT cannot hold it, pickle does
+            return TAG_PICKLE, pickle.dumps(value, PICKLE_PROTOCOL)
         return TAG_STR, value
     try:
         return TAG_PICKLE, pickle.dumps(value, PICKLE_PROTOCOL)

@@ -50,24 +50,27 @@ def parse_bool(name: str, raw: str | bool) -> bool:
 
 def parse_ttl(name: str, raw: Any) -> float | None:
     """A TTL in seconds: int, float, timedelta, numeric string, or None/'' for never."""
-    if raw is None or raw == "" or (isinstance(raw, str) and raw.strip().lower() == "none"):
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none")):
         return None
     if isinstance(raw, timedelta):
         return raw.total_seconds()
     if isinstance(raw, bool):
         raise ConfigError(f"{name} must be a number of seconds or None, got {raw!r}")
     try:
-        return float(raw)
+        seconds = float(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number of seconds or None, got {raw!r}") from None
+    if seconds != seconds:  # NaN compares false with every bound below
+        raise ConfigError(f"{name} must be a number of seconds or None, got {raw!r}")
+    return seconds
 
 
 def _int(name: str, raw: Any, *, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
         raise ConfigError(f"{name} must be an integer, got {raw!r}")
     try:
         value = int(str(raw).strip()) if isinstance(raw, str) else int(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
@@ -83,6 +86,10 @@ def _optional_int(name: str, raw: Any, *, minimum: int) -> int | None:
 
 def is_valid_url(url: str) -> bool:
     parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 

@@ -1,0 +1,209 @@
+"""The node API side by side with redis-py, and under wrk next to a bare aiohttp route.
+
+Usage: .venv/bin/python benchmarks/bench_node.py [--n 5000] [--wrk-seconds 5]
+
+Starts, in this run and on 127.0.0.1: a hypercacheio node (TCP and a unix socket), a
+redis-server (apt-get install -y redis-server; pip install redis), and a bare aiohttp
+hello-world route; then prints p50/p99 per operation and wrk throughput at 32 connections,
+with the ratios the issue sets as targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from hypercacheio import RemoteCache  # noqa: E402
+
+TOKEN = "bench-token-0123456789"
+BARE_APP = """
+import sys
+from aiohttp import web
+async def hello(request):
+    return web.Response(body=b"hello", content_type="application/octet-stream")
+app = web.Application()
+app.router.add_get("/hello", hello)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing answered on port {port}")
+
+
+def measure(fn: Callable[[int], Any], n: int, warmup: int = 300) -> tuple[float, float]:
+    """p50 and p99 in microseconds of ``fn(i)`` over ``n`` calls."""
+    for i in range(warmup):
+        fn(i)
+    samples = []
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        fn(warmup + i)
+        samples.append(clock() - t0)
+    samples.sort()
+    return samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000
+
+
+def remote_ops(rc: RemoteCache, tag: str) -> dict[str, Callable[[int], Any]]:
+    rc.set("hot", b"x" * 100)
+    lock = rc.lock(f"bench-lock-{tag}", ttl=10)
+
+    def lock_unlock(i: int) -> None:
+        assert lock.acquire(blocking=False)
+        lock.release()
+
+    return {
+        "GET": lambda i: rc.get("hot"),
+        "SET": lambda i: rc.set(f"set-{tag}-{i % 1000}", b"x" * 100),
+        "ADD": lambda i: rc.add(f"add-{tag}-{i}", b"x" * 100),
+        "INCR": lambda i: rc.incr(f"counter-{tag}"),
+        "LOCK+UNLOCK": lock_unlock,
+    }
+
+
+def redis_ops(r: Any) -> dict[str, Callable[[int], Any]]:
+    r.set("hot", b"x" * 100)
+    lock = r.lock("bench-lock", timeout=10)
+
+    def lock_unlock(i: int) -> None:
+        assert lock.acquire(blocking=False)
+        lock.release()
+
+    return {
+        "GET": lambda i: r.get("hot"),
+        "SET": lambda i: r.set(f"set-{i % 1000}", b"x" * 100),
+        "ADD": lambda i: r.set(f"add-{i}", b"x" * 100, nx=True),
+        "INCR": lambda i: r.incr("counter"),
+        "LOCK+UNLOCK": lock_unlock,
+    }
+
+
+def run_wrk(url: str, seconds: int, headers: dict[str, str] | None = None) -> float:
+    cmd = ["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} error responses from {url}")
+    assert match, out
+    return float(match.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=5000, help="timed calls per operation")
+    parser.add_argument("--wrk-seconds", type=int, default=5)
+    args = parser.parse_args()
+
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = tempfile.mkdtemp(prefix="hypercacheio-bench-")
+    try:
+        port = free_port()
+        sock_path = os.path.join(tmp, "node.sock")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERCACHEIO_")}
+        env.update(HYPERCACHEIO_SQLITE_PATH=os.path.join(tmp, "data"),
+                   HYPERCACHEIO_NODE_PORT=str(port), HYPERCACHEIO_API_TOKEN=TOKEN,
+                   HYPERCACHEIO_NODE_SOCKET=sock_path,
+                   HYPERCACHEIO_NODE_LOG_FILE=os.path.join(tmp, "node.log"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "hypercacheio.cli", "node", "run",
+                                       "--quiet"], env=env))
+        bare_port = free_port()
+        procs.append(subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port)]))
+        redis_port = free_port()
+        redis_bin = shutil.which("redis-server")
+        if redis_bin:
+            procs.append(subprocess.Popen([redis_bin, "--port", str(redis_port), "--save", "",
+                                           "--appendonly", "no", "--bind", "127.0.0.1"],
+                                          stdout=subprocess.DEVNULL))
+        wait_port(port)
+        wait_port(bare_port)
+        url = f"http://127.0.0.1:{port}"
+        tcp = RemoteCache(url, TOKEN)
+        unix = RemoteCache("http://localhost", TOKEN, unix_socket=sock_path)
+        results: dict[str, dict[str, tuple[float, float]]] = {}
+        results["RemoteCache tcp"] = {op: measure(fn, args.n)
+                                      for op, fn in remote_ops(tcp, "tcp").items()}
+        results["RemoteCache unix"] = {op: measure(fn, args.n)
+                                       for op, fn in remote_ops(unix, "unix").items()}
+        if redis_bin:
+            import redis
+            wait_port(redis_port)
+            r = redis.Redis(port=redis_port)
+            results["redis-py"] = {op: measure(fn, args.n) for op, fn in redis_ops(r).items()}
+        else:
+            print("redis-server not found (apt-get install -y redis-server): no redis column")
+
+        ops = ["GET", "SET", "ADD", "INCR", "LOCK+UNLOCK"]
+        columns = list(results)
+        print(f"\nlatency, microseconds, p50 / p99 ({args.n} calls each, one client, 127.0.0.1)")
+        print(f"{'op':<12}" + "".join(f"{c:>24}" for c in columns)
+              + ("   tcp/redis p50" if "redis-py" in results else ""))
+        for op in ops:
+            row = f"{op:<12}"
+            for c in columns:
+                p50, p99 = results[c][op]
+                row += f"{p50:>13.0f} / {p99:>6.0f}  "
+            if "redis-py" in results:
+                row += f"{results['RemoteCache tcp'][op][0] / results['redis-py'][op][0]:>14.2f}x"
+            print(row)
+
+        if shutil.which("wrk"):
+            node_rps = run_wrk(f"{url}/api/hypercacheio/cache/hot", args.wrk_seconds,
+                               {"X-Hypercacheio-Token": TOKEN})
+            bare_rps = run_wrk(f"http://127.0.0.1:{bare_port}/hello", args.wrk_seconds)
+            print(f"\nwrk -t2 -c32 -d{args.wrk_seconds}s, requests/s")
+            print(f"{'node GET /cache/hot':<28}{node_rps:>10.0f}")
+            print(f"{'bare aiohttp route':<28}{bare_rps:>10.0f}")
+            print(f"{'ratio (target >= 0.8)':<28}{node_rps / bare_rps:>10.2f}")
+        else:
+            print("wrk not found (apt-get install -y wrk): no throughput rows")
+
+        tcp_get = results["RemoteCache tcp"]["GET"]
+        print("\ntargets:")
+        if "redis-py" in results:
+            ratio = tcp_get[0] / results["redis-py"]["GET"][0]
+            print(f"  GET p50 <= 3x redis-py: {ratio:.2f}x  {'ok' if ratio <= 3 else 'MISSED'}")
+        print(f"  GET p99 < 1 ms: {tcp_get[1]:.0f} us  {'ok' if tcp_get[1] < 1000 else 'MISSED'}")
+        return 0
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""The example project's manage.py (try: python manage.py hypercacheio stats)."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "demo.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

@@ -1,0 +1,54 @@
+"""The wire contract of the node API, shared by the server (api.py) and the client (client.py).
+
+A value travels as the raw request or response body; its codec tag travels by name in
+``X-Hypercacheio-Type`` (``bytes`` when absent, so ``curl -d`` stores bytes). An ``int`` is
+sent as decimal ASCII, a ``str`` as UTF-8, ``bytes`` and ``pickle`` as they are: the node
+never unpickles. Everything that is not a value (results, errors, lock owners and fencing
+numbers) is JSON.
+"""
+
+from __future__ import annotations
+
+from .. import codec
+
+PREFIX = "/api/hypercacheio"
+TOKEN_HEADER = "X-Hypercacheio-Token"
+TYPE_HEADER = "X-Hypercacheio-Type"
+TTL_HEADER = "X-Hypercacheio-TTL"
+EXPIRES_HEADER = "X-Hypercacheio-Expires-At"
+
+TYPE_NAMES: dict[int, str] = dict(codec.TAGS)
+TYPE_TAGS: dict[str, int] = {name: tag for tag, name in TYPE_NAMES.items()}
+
+CONTENT_TYPES: dict[int, str] = {
+    codec.TAG_INT: "text/plain; charset=utf-8",
+    codec.TAG_STR: "text/plain; charset=utf-8",
+    codec.TAG_BYTES: "application/octet-stream",
+    codec.TAG_PICKLE: "application/octet-stream",
+}
+
+
+def payload_to_body(tag: int, payload: codec.Payload) -> bytes:
+    """The HTTP body carrying a stored (tag, payload)."""
+    if tag == codec.TAG_INT:
+        return str(int(payload)).encode("ascii")
+    if tag == codec.TAG_STR:
+        assert isinstance(payload, str)
+        return payload.encode("utf-8")
+    assert not isinstance(payload, (int, str))
+    return bytes(payload)
+
+
+def body_to_payload(tag: int, body: bytes) -> codec.Payload:
+    """The payload carried by an HTTP body; ValueError says why it does not fit the tag."""
+    if tag == codec.TAG_INT:
+        text = body.decode("ascii", "replace").strip()
+        if not text or not text.lstrip("+-").isdigit() or not text.isascii():
+            raise ValueError("an int value must be a decimal integer")
+        value = int(text)
+        if not codec.INT64_MIN <= value <= codec.INT64_MAX:
+            raise ValueError("an int value must fit in 64 bits (send larger ones as pickle)")
+        return value
+    if tag == codec.TAG_STR:
+        return body.decode("utf-8")
+    return body

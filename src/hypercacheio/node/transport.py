@@ -1,0 +1,285 @@
+"""How RemoteCache moves one request: a keep-alive pool of sockets, one request at a time each.
+
+Two interchangeable transports with one method, ``request(method, target, headers, body)``:
+
+* ``FastTransport``: plain sockets (TCP with TCP_NODELAY, a unix socket, or TLS) whose
+  responses are parsed by httptools (llhttp, the parser of Node.js). A GET costs a few
+  microseconds of Python besides the round trip. Used when httptools is installed.
+* ``Urllib3Transport``: urllib3's connection pool. Used otherwise.
+
+Both raise ``OSError`` subclasses (or ``TransportError``) for anything network-shaped; the
+client turns those into ``NodeUnavailable``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl
+import threading
+from typing import Any, NamedTuple
+
+try:
+    import httptools
+except ImportError:  # pragma: no cover - the urllib3 transport serves instead
+    httptools = None  # type: ignore[assignment]
+
+try:
+    import urllib3
+except ImportError:  # pragma: no cover - the library works without it
+    urllib3 = None  # type: ignore[assignment]
+
+
+class TransportError(OSError):
+    """The node could not be reached, closed the connection, or sent no valid HTTP."""
+
+
+class Response(NamedTuple):
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+class Target(NamedTuple):
+    """Where the node is: host and port (TCP or TLS), or a unix socket path."""
+
+    host: str
+    port: int
+    unix_socket: str | None = None
+    tls: ssl.SSLContext | None = None
+
+
+def tls_context(verify: bool | str) -> ssl.SSLContext:
+    """A client TLS context: verified by default, a CA file path, or (False) unverified."""
+    ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    if verify is False:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def check_header_value(name: str, value: str) -> str:
+    """Refuse a header value that could end the header early (CR, LF, NUL) or is not ASCII."""
+    if not value.isascii() or any(c in value for c in "\r\n\0"):
+        raise ValueError(f"{name} must be printable ASCII without line breaks")
+    return value
+
+
+class _Reader:
+    """httptools callbacks collecting one response."""
+
+    __slots__ = ("headers", "chunks", "done", "keep_alive", "parser")
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.chunks: list[bytes] = []
+        self.done = False
+        self.keep_alive = False
+        self.parser: Any = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        # llhttp answers keep-alive only until the parser moves past the message.
+        self.keep_alive = self.parser.should_keep_alive()
+
+
+class FastTransport:
+    """Keep-alive sockets with httptools parsing; safe to share between threads."""
+
+    def __init__(self, target: Target, timeout: float, maxsize: int = 8) -> None:
+        if httptools is None:  # pragma: no cover
+            raise ImportError("FastTransport needs httptools")
+        self.target = target
+        self.timeout = timeout
+        self.maxsize = maxsize
+        host = target.host if ":" not in target.host else f"[{target.host}]"
+        self._host_line = f"Host: {host}:{target.port}\r\n".encode("ascii")
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.connections_made = 0
+
+    def _connect(self) -> socket.socket:
+        t = self.target
+        if t.unix_socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(t.unix_socket)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((t.host, t.port), timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if t.tls is not None:
+                sock = t.tls.wrap_socket(sock, server_hostname=t.host)
+        self.connections_made += 1
+        return sock
+
+    def _checkout(self) -> tuple[socket.socket, bool]:
+        """An idle connection still open (reused=True), or a new one."""
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+                self._idle = []
+                self._pid = os.getpid()
+            while self._idle:
+                sock = self._idle.pop()
+                # Readable while idle means the server closed it (or sent garbage): drop it.
+                if not select.select([sock], [], [], 0)[0]:
+                    return sock, True
+                sock.close()
+        return self._connect(), False
+
+    def _checkin(self, sock: socket.socket) -> None:
+        with self._lock:
+            if len(self._idle) < self.maxsize and self._pid == os.getpid():
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def request(self, method: str, target: str, headers: dict[str, str],
+                body: bytes | None = None) -> Response:
+        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
+        for name, value in headers.items():
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if body is not None or method in ("POST", "PUT"):
+            head.append(f"Content-Length: {len(body or b'')}\r\n".encode("ascii"))
+        head.append(b"\r\n")
+        payload = b"".join(head) + (body or b"")
+        sock, reused = self._checkout()
+        try:
+            return self._exchange(sock, payload)
+        except _StaleConnection:
+            if not reused:
+                raise TransportError("the node closed the connection without answering") \
+                    from None
+            # The server closed an idle connection as we reused it, before it read our
+            # request: nothing was done, so sending it once more on a new one is safe.
+            return self._exchange(self._connect(), payload)
+
+    def _exchange(self, sock: socket.socket, payload: bytes) -> Response:
+        reader = _Reader()
+        parser = reader.parser = httptools.HttpResponseParser(reader)
+        received = 0
+        try:
+            sock.sendall(payload)
+            while not reader.done:
+                data = sock.recv(262144)
+                if not data:
+                    if received == 0:
+                        raise _StaleConnection
+                    raise TransportError("the node closed the connection mid-response")
+                received += len(data)
+                parser.feed_data(data)
+        except _StaleConnection:
+            sock.close()
+            raise
+        except (OSError, httptools.HttpParserError) as exc:
+            sock.close()
+            if isinstance(exc, OSError) and received == 0 and isinstance(
+                    exc, (ConnectionResetError, BrokenPipeError)):
+                raise _StaleConnection from exc
+            if isinstance(exc, OSError):
+                raise
+            raise TransportError(f"the node sent a response that is not valid HTTP: {exc}") \
+                from exc
+        except BaseException:
+            sock.close()
+            raise
+        if reader.keep_alive:
+            self._checkin(sock)
+        else:
+            sock.close()
+        body = reader.chunks[0] if len(reader.chunks) == 1 else b"".join(reader.chunks)
+        return Response(parser.get_status_code(), reader.headers, body)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+
+class _StaleConnection(Exception):
+    """The connection was closed before any byte of the answer came back."""
+
+
+class Urllib3Transport:
+    """The same contract over urllib3's pool (used without httptools)."""
+
+    def __init__(self, target: Target, timeout: float, maxsize: int = 8) -> None:
+        if urllib3 is None:  # pragma: no cover
+            raise ImportError("RemoteCache needs httptools or urllib3: "
+                              "pip install 'hypercacheio[client]'")
+        self.target = target
+        t = urllib3.Timeout(connect=timeout, read=timeout)
+        self._retries = urllib3.Retry(total=0, connect=1, read=False, redirect=False,
+                                      raise_on_status=False)
+        options: dict[str, Any] = {"maxsize": maxsize, "block": False, "timeout": t}
+        self._pool: urllib3.HTTPConnectionPool
+        if target.unix_socket:
+            self._pool = _unix_pool(target.unix_socket, **options)
+        elif target.tls is not None:
+            self._pool = urllib3.HTTPSConnectionPool(target.host, target.port,
+                                                     ssl_context=target.tls, **options)
+        else:
+            self._pool = urllib3.HTTPConnectionPool(target.host, target.port, **options)
+
+    @property
+    def connections_made(self) -> int:
+        return int(self._pool.num_connections)
+
+    def request(self, method: str, target: str, headers: dict[str, str],
+                body: bytes | None = None) -> Response:
+        try:
+            resp = self._pool.urlopen(method, target, body=body, headers=headers,
+                                      retries=self._retries, redirect=False,
+                                      preload_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransportError(str(exc)) from exc
+        return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()},
+                        resp.data)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _unix_pool(socket_path: str, **options: Any) -> urllib3.HTTPConnectionPool:
+    """A urllib3 pool whose connections go to a unix domain socket (the host is ignored)."""
+    from urllib3.connection import HTTPConnection
+
+    class UnixConnection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
+                sock.settimeout(timeout)
+                sock.connect(socket_path)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+    class UnixPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = UnixConnection
+
+    return UnixPool("localhost", **options)
+
+
+def make_transport(target: Target, timeout: float, maxsize: int = 8,
+                   kind: str | None = None) -> FastTransport | Urllib3Transport:
+    """The fast transport when httptools is there (or ``kind`` says which)."""
+    kind = kind or ("fast" if httptools is not None else "urllib3")
+    if kind == "fast":
+        return FastTransport(target, timeout, maxsize)
+    if kind == "urllib3":
+        return Urllib3Transport(target, timeout, maxsize)
+    raise ValueError(f"transport must be 'fast' or 'urllib3', got {kind!r}")

@@ -1,0 +1,149 @@
+"""``hypercacheio service ...`` and ``hypercacheio check``: arguments in, messages out.
+
+The work is in ``service.py`` and ``check.py``; this module only parses options, calls them
+and prints. It does not import ``cli.py`` (``cli.py`` imports it), so it loads settings itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from . import check as check_mod
+from . import service as svc
+from .config import DEFAULT_TOKEN, Settings, is_loopback
+from .errors import HypercacheioError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _settings(directory: str | None) -> Settings:
+    overrides: dict[str, Any] = {"directory": directory} if directory else {}
+    try:
+        return Settings.from_env(**overrides)
+    except HypercacheioError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+directory_option = click.option(
+    "--directory", "-d", default=None, metavar="PATH",
+    help="Storage directory (default: HYPERCACHEIO_SQLITE_PATH or ~/.cache/hypercacheio).")
+kind_option = click.option(
+    "--kind", type=click.Choice(svc.KINDS), default=None,
+    help="systemd or launchd (default: systemd on Linux, launchd on macOS).")
+scope_option = click.option(
+    "--scope", type=click.Choice(svc.SCOPES), default=None,
+    help="system-wide or per-user service (default: system for systemd, user for launchd).")
+dir_option = click.option(
+    "--unit-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+    help="Where the service file is installed (default: the service manager's directory).")
+
+
+@click.group("service", context_settings={"help_option_names": ["-h", "--help"]})
+def service_group() -> None:
+    """Run the node as a systemd (Linux) or launchd (macOS) service with auto-restart."""
+
+
+@service_group.command("make")
+@directory_option
+@kind_option
+@scope_option
+@click.option("--output", "-o", type=click.Path(), default=None, metavar="PATH",
+              help="File or directory to write (default: the current directory).")
+@click.option("--install", is_flag=True,
+              help="Write straight into the service manager's directory (see --unit-dir).")
+@dir_option
+@click.option("--python", "python", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="Interpreter the service runs (default: this one).")
+@click.option("--run-as", default=None, metavar="USER",
+              help="User of a system service (default: you, unless you are root).")
+@click.option("--env-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="systemd: keep the API token in this 0600 file (EnvironmentFile=) instead "
+                   "of the unit, where `systemctl show` would reveal it to local users.")
+def make_cmd(directory: str | None, kind: str | None, scope: str | None, output: str | None,
+             install: bool, unit_dir: str | None, python: str | None, run_as: str | None,
+             env_file: str | None) -> None:
+    """Write the service file with the whole configuration (HYPERCACHEIO_* of this shell)."""
+    settings = _settings(directory)
+    try:
+        spec = svc.build_spec(settings, kind=kind, scope=scope, python=python, run_as=run_as,
+                              env_file=env_file)
+        if install:
+            folder = Path(unit_dir) if unit_dir else svc.install_dir(spec.kind, spec.scope)
+            target = folder / spec.file_name
+        else:
+            target = Path(output) if output else Path.cwd()
+        path = svc.write_service_file(spec, target)
+    except HypercacheioError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {path} ({spec.kind}, {spec.scope} scope, mode 0600)")
+    if spec.env_file:
+        click.echo(f"wrote {spec.env_file} (the API token, mode 0600)")
+    else:
+        click.echo("It contains HYPERCACHEIO_API_TOKEN: keep it private.")
+    if settings.api_token in ("", DEFAULT_TOKEN) and not is_loopback(settings.node_listen_host):
+        err_console.print("[yellow]warning:[/yellow] the node refuses to listen on "
+                          f"{settings.node_listen_host} with an empty or default token; set "
+                          "HYPERCACHEIO_API_TOKEN and run make again")
+    if not install:
+        installed = svc.install_dir(spec.kind, spec.scope) / spec.file_name
+        sudo = "sudo " if spec.scope == "system" else ""
+        click.echo(f"Install it:  {sudo}cp {path} {installed}   (or run again with --install)")
+    click.echo("Then:        hypercacheio service start")
+
+
+def _run_verb(verb: str, kind: str | None, scope: str | None, unit_dir: str | None) -> None:
+    try:
+        manager = svc.manager_for(kind, scope, unit_dir)
+        result = manager.run(verb)
+    except HypercacheioError as exc:
+        raise click.ClickException(str(exc)) from exc
+    output = result.output.rstrip()
+    if output:
+        click.echo(output)
+    if result.ok:
+        console.print(f"[green]{escape(result.message)}[/green]", soft_wrap=True)
+    else:
+        err_console.print(f"[red]{verb}:[/red] {escape(result.message)}", soft_wrap=True)
+    sys.exit(result.exit_code)
+
+
+def _verb_command(verb: str, doc: str) -> None:
+    @service_group.command(verb, help=doc)
+    @kind_option
+    @scope_option
+    @dir_option
+    def command(kind: str | None, scope: str | None, unit_dir: str | None) -> None:
+        _run_verb(verb, kind, scope, unit_dir)
+
+
+_verb_command("start", "Load, enable at boot and start the service.")
+_verb_command("stop", "Stop the service.")
+_verb_command("restart", "Restart the service.")
+_verb_command("status", "Show the service manager's status (exit 3 when not running).")
+_verb_command("remove", "Stop, disable and delete the installed service file.")
+
+
+@click.command("check")
+@directory_option
+@click.option("--endpoint", "endpoints", multiple=True, metavar="URL",
+              help="Also check this node API URL (repeatable), e.g. a peer on another port.")
+@click.option("--timeout", type=float, default=None,
+              help="Seconds per request (default: HYPERCACHEIO_TIMEOUT).")
+def check_cmd(directory: str | None, endpoints: tuple[str, ...], timeout: float | None) -> None:
+    """Ping, Add, Get, Put, Delete and Lock against every configured endpoint."""
+    settings = _settings(directory)
+    if timeout is not None and timeout <= 0:
+        raise click.BadParameter("must be > 0 seconds", param_hint="--timeout")
+    report = check_mod.run_check(settings, extra_endpoints=endpoints, timeout=timeout)
+    check_mod.render_report(report, console)
+    sys.exit(report.exit_code)
+
+
+__all__ = ["check_cmd", "service_group"]

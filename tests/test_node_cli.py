@@ -1,0 +1,153 @@
+"""``hypercacheio node run|start|stop|status|restart`` with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hypercacheio import RemoteCache
+from node_helpers import cli, free_port, node_env, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _pid(directory: Path) -> int:
+    return int((directory / "node.pid").read_text().split()[0])
+
+
+def test_lifecycle_start_status_start_stop_stop_stale(tmp_path: Path) -> None:
+    d = tmp_path / "n"
+    env = node_env(str(d), free_port())
+    started = cli("node", "start", env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "started (pid" in started.stdout
+    pid = _pid(d)
+
+    status = cli("node", "status", env=env)
+    assert status.returncode == 0 and f"running (pid {pid})" in status.stdout
+    assert "uptime" in status.stdout and "ping" in status.stdout
+    doc = json.loads(cli("node", "status", "--json", env=env).stdout)
+    assert doc["running"] and doc["node"]["pid"] == pid and doc["ping_ms"] >= 0
+
+    again = cli("node", "start", env=env)
+    assert again.returncode == 1 and "already running" in again.stderr and str(pid) in again.stderr
+
+    stopped = cli("node", "stop", env=env)
+    assert stopped.returncode == 0 and f"stopped (pid {pid})" in stopped.stdout
+    assert not (d / "node.pid").exists()
+    log = (d / "node.log").read_text()
+    assert '"node stopped"' in log and env["HYPERCACHEIO_API_TOKEN"] not in log
+
+    twice = cli("node", "stop", env=env)
+    assert twice.returncode == 3 and "not running" in twice.stdout
+    assert cli("node", "status", env=env).returncode == 3
+
+    # a pid file left by a process that no longer exists
+    (d / "node.pid").write_text("999999\n")
+    stale = cli("node", "status", env=env)
+    assert stale.returncode == 1 and "stale pid file" in stale.stdout
+    stale_stop = cli("node", "stop", env=env)
+    assert stale_stop.returncode == 3 and "stale pid file" in stale_stop.stdout
+    assert not (d / "node.pid").exists()
+    (d / "node.pid").write_text("999999\n")
+    restarted = cli("node", "start", env=env)
+    assert restarted.returncode == 0 and "stale pid file" in restarted.stdout
+    new_pid = _pid(d)
+    assert cli("node", "restart", env=env).returncode == 0
+    assert _pid(d) != new_pid
+    assert cli("node", "stop", env=env).returncode == 0
+
+
+def test_kill_9_then_start_brings_the_data_back(tmp_path: Path) -> None:
+    d = tmp_path / "n"
+    port = free_port()
+    env = node_env(str(d), port)
+    assert cli("node", "start", env=env).returncode == 0
+    rc = RemoteCache(f"http://127.0.0.1:{port}", env["HYPERCACHEIO_API_TOKEN"])
+    for i in range(200):
+        rc.set(f"k{i}", i)
+    rc.incr("counter", 7)
+    lock = rc.lock("held", ttl=None)
+    assert lock.acquire()
+    os.kill(_pid(d), signal.SIGKILL)
+    assert wait_until(lambda: cli("node", "status", env=env).returncode == 1, 10)
+    result = cli("node", "start", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stale pid file" in result.stdout
+    assert [rc.get(f"k{i}") for i in range(200)] == list(range(200))
+    assert rc.get("counter") == 7
+    assert lock.owned()
+    assert cli("node", "stop", env=env).returncode == 0
+    rc.close()
+
+
+def test_first_run_generates_token_once_and_reuses_it(tmp_path: Path) -> None:
+    d = tmp_path / "fresh"
+    port = free_port()
+    env = node_env(str(d), port, token=None)
+    proc = subprocess.Popen([sys.executable, "-m", "hypercacheio.cli", "node", "run"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+    try:
+        token_file = d / "node.token"
+        assert wait_until(lambda: _answers(port), 15)
+        token = token_file.read_text().strip()
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert out.count(token) == 2 + 1  # printed once, plus in the two curl lines
+    assert f"curl -H 'X-Hypercacheio-Token: {token}' -d 'hello' " \
+           f"http://127.0.0.1:{port}/api/hypercacheio/cache/greeting" in out
+    # the curl line works as printed (http.client stands in for curl)
+    assert RemoteCache(f"http://127.0.0.1:{port}", token).url in out
+    # a later start reuses the saved token and does not print it
+    started = cli("node", "start", env=env)
+    assert started.returncode == 0 and token not in started.stdout
+    rc = RemoteCache(f"http://127.0.0.1:{port}", token)
+    rc.set("greeting", b"hello")
+    assert rc.get("greeting") == b"hello"
+    assert cli("node", "stop", env=env).returncode == 0
+    assert token not in (d / "node.log").read_text()
+
+
+def _answers(port: int) -> bool:
+    try:
+        return RemoteCache(f"http://127.0.0.1:{port}", "", timeout=0.3).ping()["ok"] is True
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("token", ["changeme", ""])
+def test_refuses_default_token_on_a_public_address(tmp_path: Path, token: str) -> None:
+    env = node_env(str(tmp_path / "pub"), free_port(), token=token,
+                   extra={"HYPERCACHEIO_NODE_LISTEN_HOST": "0.0.0.0"})
+    result = cli("node", "run", env=env, timeout=20)
+    assert result.returncode == 1
+    assert "refusing to listen on 0.0.0.0" in result.stderr
+    assert "HYPERCACHEIO_API_TOKEN" in result.stderr
+    start = cli("node", "start", env=env, timeout=20)
+    assert start.returncode == 1 and "refusing" in start.stderr
+
+
+def test_start_reports_a_node_that_cannot_start(tmp_path: Path) -> None:
+    env = node_env(str(tmp_path / "bad"), free_port(),
+                   extra={"HYPERCACHEIO_NODE_TLS_CERT": str(tmp_path / "missing.pem"),
+                          "HYPERCACHEIO_NODE_TLS_KEY": str(tmp_path / "missing.key")})
+    result = cli("node", "start", "--wait", "10", env=env)
+    assert result.returncode == 1
+    assert "exited at start" in result.stderr and "TLS certificate" in result.stderr
+
+
+def test_help_lists_the_verbs() -> None:
+    result = cli("node", "--help", env=dict(os.environ))
+    for verb in ("run", "start", "stop", "status", "restart"):
+        assert verb in result.stdout

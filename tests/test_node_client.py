@@ -1,0 +1,242 @@
+"""RemoteCache against a real node daemon: TCP and unix socket, errors, locks."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hypercacheio import (
+    AuthError,
+    Cache,
+    InvalidKeyError,
+    InvalidValueError,
+    LockError,
+    LockTimeout,
+    NodeUnavailable,
+    RemoteCache,
+)
+from hypercacheio.node.client import RequestRejected
+from node_helpers import Node, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    directory = str(tmp_path_factory.mktemp("node-client"))
+    sock = str(tmp_path_factory.mktemp("sock") / "node.sock")
+    with Node(directory, unix_socket=sock,
+              extra_env={"HYPERCACHEIO_NODE_MAX_VALUE_BYTES": "100000"}) as n:
+        yield n
+
+
+@pytest.fixture(params=[("tcp", "fast"), ("unix", "fast"), ("tcp", "urllib3"),
+                        ("unix", "urllib3")], ids=lambda p: "-".join(p))
+def rc(request: pytest.FixtureRequest, node: Node) -> Iterator[RemoteCache]:
+    where, transport = request.param
+    if where == "tcp":
+        client = node.client(transport=transport)
+    else:
+        client = RemoteCache("http://localhost", node.token, unix_socket=node.unix_socket,
+                             transport=transport)
+    client.clear()
+    yield client
+    client.close()
+
+
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+
+VALUES = [b"raw\x00bytes", "text ✓", 0, -(2**63), 2**63 - 1, 2**80, 3.5, None, True,
+          [1, "a", None], {"k": (1, 2)}, Point(1, 2), b"", ""]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=[repr(v)[:20] for v in VALUES])
+def test_set_get_round_trip(rc: RemoteCache, value: object) -> None:
+    assert rc.set("v", value) is True
+    got = rc.get("v", "DEFAULT")
+    assert got == value and type(got) is type(value)
+
+
+def test_get_default_and_has(rc: RemoteCache) -> None:
+    assert rc.get("missing") is None
+    assert rc.get("missing", 7) == 7
+    assert not rc.has("missing")
+    rc.set("present", None)
+    assert rc.has("present") and rc.get("present", 7) is None
+
+
+def test_ttl_and_touch(rc: RemoteCache) -> None:
+    rc.set("t", 1, ttl=100)
+    rc.set("t2", 1, ttl=datetime.timedelta(seconds=100))
+    rc.set("gone", 1, ttl=0)
+    assert rc.get("gone") is None
+    assert rc.touch("t", 1000) is True
+    assert rc.touch("missing", 10) is False
+    assert rc.touch("t", -1) is True and rc.get("t") is None  # ttl <= 0 removes it
+    with pytest.raises(TypeError):
+        rc.set("t", 1, ttl="soon")
+
+
+def test_add_delete(rc: RemoteCache) -> None:
+    assert rc.add("a", "first") is True
+    assert rc.add("a", "second") is False
+    assert rc.get("a") == "first"
+    assert rc.delete("a") is True
+    assert rc.delete("a") is False
+    assert rc.add("a", "third", ttl=50) is True
+
+
+def test_incr_decr(rc: RemoteCache) -> None:
+    assert rc.incr("n") == 1
+    assert rc.incr("n", 5) == 6
+    assert rc.decr("n", 10) == -4
+    assert rc.incr("n", -1) == -5
+    assert rc.get("n") == -5
+    rc.set("s", "text")
+    with pytest.raises(TypeError):
+        rc.incr("s")
+    rc.set("max", 2**63 - 1)
+    with pytest.raises(OverflowError):
+        rc.incr("max")
+    with pytest.raises(TypeError):
+        rc.incr("n", 1.5)  # type: ignore[arg-type]
+
+
+def test_clear(rc: RemoteCache) -> None:
+    for i in range(3):
+        rc.set(f"c{i}", i)
+    assert rc.clear() == 3
+    assert rc.get("c1") is None
+
+
+def test_invalid_input_raises_locally(rc: RemoteCache) -> None:
+    with pytest.raises(InvalidKeyError):
+        rc.get("")
+    with pytest.raises(InvalidKeyError):
+        rc.set("k" * 1025, 1)
+    with pytest.raises(InvalidValueError):
+        rc.set("k", lambda: 1)
+
+
+def test_too_large_value_is_rejected(rc: RemoteCache) -> None:
+    with pytest.raises(RequestRejected) as info:
+        rc.set("huge", b"x" * 200_000)
+    assert info.value.status == 413
+    assert rc.get("huge") is None
+
+
+def test_lock_acquire_release_fence(rc: RemoteCache) -> None:
+    a = rc.lock("job", ttl=30)
+    b = rc.lock("job", ttl=30)
+    assert a.acquire(blocking=False) is True and a.fence is not None
+    assert a.owned() and a.locked() and not b.owned()
+    assert b.acquire(blocking=False) is False
+    assert b.acquire(timeout=0.05) is False
+    first = a.fence
+    assert a.extend(60) is True and a.fence == first
+    assert b.extend() is False
+    assert a.release() is True and a.fence is None
+    assert a.release() is False
+    assert b.acquire(blocking=False) is True and b.fence is not None and b.fence > first
+    assert b.force_release() is True
+
+
+def test_lock_context_manager_and_explicit_owner(rc: RemoteCache) -> None:
+    with rc.lock("ctx", ttl=5, owner="me") as lock:
+        assert lock.owner == "me" and lock.owned()
+        with pytest.raises(LockTimeout), rc.lock("ctx", ttl=5, blocking_timeout=0.05):
+            pass
+    assert not rc.lock("ctx").locked()
+    with pytest.raises(LockError), rc.lock("ctx2", ttl=5) as held:
+        held.force_release()
+
+
+def test_lock_without_ttl_waits_for_release(rc: RemoteCache) -> None:
+    holder = rc.lock("forever", ttl=None)
+    assert holder.acquire()
+    waiter = rc.lock("forever", ttl=None)
+    assert waiter.acquire(timeout=0.05) is False
+    holder.release()
+    assert waiter.acquire(timeout=1.0) is True
+    waiter.release()
+
+
+def test_ping(rc: RemoteCache, node: Node) -> None:
+    info = rc.ping()
+    assert info["ok"] is True and info["role"] == "primary" and "uptime" in info
+    assert f"unix:{node.unix_socket}" in info["listen"]
+
+
+@pytest.mark.parametrize("transport", ["fast", "urllib3"])
+def test_connection_is_kept_alive(node: Node, transport: str) -> None:
+    rc = node.client(transport=transport)
+    for _ in range(50):
+        rc.get("ka")
+    assert rc._transport.connections_made == 1
+    rc.close()
+
+
+def test_wrong_token_is_auth_error(node: Node) -> None:
+    with pytest.raises(ValueError):
+        RemoteCache(node.url, "bad\r\nX-Injected: 1")
+    rc = RemoteCache(node.url, "wrong")
+    with pytest.raises(AuthError, match="refused the API token"):
+        rc.set("x", 1)
+    with pytest.raises(AuthError):
+        rc.ping()
+    assert RemoteCache(node.url, "").ping() == {"ok": True}  # no token: bare liveness
+
+
+@pytest.mark.parametrize("transport", ["fast", "urllib3"])
+def test_unreachable_node_is_node_unavailable(tmp_path: Path, transport: str) -> None:
+    rc = RemoteCache(f"http://127.0.0.1:{free_port()}", "t", timeout=0.5, transport=transport)
+    with pytest.raises(NodeUnavailable):
+        rc.get("x")
+    rc2 = RemoteCache("http://localhost", "t", unix_socket=str(tmp_path / "none.sock"),
+                      transport=transport)
+    with pytest.raises(NodeUnavailable):
+        rc2.ping()
+    assert isinstance(NodeUnavailable("x"), ConnectionError)
+
+
+@pytest.mark.parametrize("transport", ["fast", "urllib3"])
+def test_silent_server_times_out_as_node_unavailable(transport: str) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        rc = RemoteCache(f"http://127.0.0.1:{server.getsockname()[1]}", "t", timeout=0.2,
+                         transport=transport)
+        with pytest.raises(NodeUnavailable):
+            rc.get("x")
+
+
+def test_url_forms() -> None:
+    assert RemoteCache("http://h:1", "t").url == "http://h:1/api/hypercacheio"
+    assert RemoteCache("http://h:1/", "t").url == "http://h:1/api/hypercacheio"
+    assert RemoteCache("h:1", "t").url == "http://h:1/api/hypercacheio"
+    assert RemoteCache("https://h/custom/", "t").url == "https://h/custom"
+    with pytest.raises(ValueError):
+        RemoteCache("ftp://h", "t")
+
+
+def test_values_are_shared_with_a_local_cache(rc: RemoteCache, node: Node) -> None:
+    local = Cache(node.directory, l1_max_items=0)
+    try:
+        rc.set("shared", Point(3, 4))
+        assert local.get("shared") == Point(3, 4)
+        local.set("from-local", {"n": 1})
+        assert rc.get("from-local") == {"n": 1}
+        local.set("num", 10)
+        assert rc.incr("num", 5) == 15 and local.get("num") == 15
+    finally:
+        local.close()

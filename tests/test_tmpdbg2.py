@@ -1,0 +1,173 @@
+"""Several real processes on one real SQLite file: atomicity, locks, coherence, fork, first open."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import mp_helpers as mp
+import pytest
+
+from hypercacheio import Cache
+
+
+
+FORK = multiprocessing.get_context("fork")
+SPAWN = FORK
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("l1", [10_000, 0], ids=["l1", "no-l1"])
+def test_incr_is_atomic(cache_dir: str, method: str, l1: int) -> None:
+    Cache(cache_dir).set("unrelated", 1)
+    ctx = multiprocessing.get_context(method)
+    lasts = mp.run_all(ctx, mp.incr_many, [(cache_dir, "n", 500, l1)] * 4)
+    assert Cache(cache_dir).get("n") == 2000
+    assert max(lasts) == 2000
+
+
+def test_add_has_one_winner_per_key(cache_dir: str) -> None:
+    keys = [f"k{i}" for i in range(150)]
+    barrier = FORK.Barrier(4)
+    won = mp.run_all(FORK, mp.add_race, [(cache_dir, barrier, me, keys) for me in range(4)])
+    winners: dict[str, int] = {}
+    for me, mine in enumerate(won):
+        for key in mine:
+            assert key not in winners, f"{key} won by {winners[key]} and {me}"
+            winners[key] = me
+    assert sorted(winners) == sorted(keys)
+    cache = Cache(cache_dir)
+    assert {k: cache.get(k) for k in keys} == winners  # the stored value is the winner's
+
+
+def test_lock_mutual_exclusion_and_fences(tmp_path: Path) -> None:
+    directory = str(tmp_path / "cache")
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    rounds = 25
+    results = mp.run_all(FORK, mp.locked_counter,
+                         [(directory, str(counter), rounds, me) for me in range(4)])
+    assert int(counter.read_text()) == 4 * rounds
+    grants = sorted(g for per_process in results for g in per_process)
+    assert [n for n, _f in grants] == list(range(4 * rounds))  # every read saw the last write
+    fences = [f for _n, f in grants]
+    assert fences == sorted(set(fences)), "fencing numbers must grow with every grant"
+    for per_process in results:
+        own = [f for _n, f in per_process]
+        assert own == sorted(set(own))
+    assert not os.path.exists(str(counter) + ".inside")
+
+
+def test_remember_computes_once(cache_dir: str) -> None:
+    barrier = FORK.Barrier(4)
+    got = mp.run_all(FORK, mp.remember_once, [(cache_dir, barrier, "expensive")] * 4)
+    assert Cache(cache_dir).get("remember-calls") == 1
+    assert all(g == got[0] for g in got)
+    assert got[0]["calls"] == 1
+
+
+@pytest.mark.parametrize("l1", [10_000, 0], ids=["l1", "no-l1"])
+def test_l1_coherence_lockstep(cache_dir: str, l1: int) -> None:
+    Cache(cache_dir).set_many({"a": 0, "b": [0]})
+    writer_end, reader_end = FORK.Pipe()
+    writer = mp.start(FORK, mp.lockstep_writer, cache_dir, writer_end, 300)
+    [rounds] = mp.run_all(FORK, mp.lockstep_reader, [(cache_dir, reader_end)])
+    if rounds != 300:
+        writer.kill()
+    assert rounds == 300
+    mp.join_ok(writer)
+
+
+def test_l1_coherence_racing(cache_dir: str) -> None:
+    Cache(cache_dir).set("seq", 0)
+    published = SPAWN.Value("q", 0, lock=False)
+    final = 500
+    barrier = FORK.Barrier(3)
+    writer = mp.start(FORK, mp.racing_writer, cache_dir, published, final, barrier)
+    results = mp.run_all(FORK, mp.racing_reader, [(cache_dir, published, final, barrier)] * 2)
+    mp.join_ok(writer)
+    for violations, reads in results:
+        assert violations == 0
+        assert reads > 1
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_fresh_directory_opened_at_once(tmp_path: Path, method: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    n = 8
+    for attempt in range(3 if method == "fork" else 1):
+        directory = str(tmp_path / f"fresh{attempt}" / "nested")
+        barrier = ctx.Barrier(n)
+        results = mp.run_all(ctx, mp.open_at_once, [(directory, barrier, me, n)
+                                                    for me in range(n)])
+        for seen in results:
+            assert seen == [*range(n), n]
+        conn = Cache(directory).store.conn()
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM meta WHERE name='node_id'").fetchone()[0] == 1
+
+
+def test_fork_after_use(cache_dir: str) -> None:
+    """gunicorn --preload: the parent used the cache (open connection, warm L1), then forks."""
+    cache = Cache(cache_dir)
+    cache.set("before", "parent")
+    cache.set("shared", 0)
+    assert cache.get("before") == "parent"
+    assert cache.get("shared") == 0  # both in the parent's L1
+    with cache.lock("held-by-parent", ttl=60):
+        pass
+    to_child, child_end = FORK.Pipe()
+
+    def child(conn: Any) -> None:
+        try:
+            assert cache.get("before") == "parent"  # inherited L1 entry, still valid
+            conn.send("ready")
+            assert conn.recv() == "parent wrote"
+            assert cache.get("shared") == 1, "child served a stale inherited L1 entry"
+            for i in range(200):
+                cache.incr("counter")
+                cache.set(f"child{i}", i)
+            cache.set("shared", 2)
+            with cache.lock("from-child", ttl=10) as lock:
+                assert lock.owned()
+            cache.close()
+            conn.send("child wrote")
+            conn.close()
+        except BaseException as exc:  # report to the parent, which asserts
+            conn.send(f"error: {exc!r}")
+            raise
+
+    proc = mp.start(FORK, child, child_end)
+    assert to_child.recv() == "ready"
+    cache.set("shared", 1)
+    to_child.send("parent wrote")
+    for _ in range(200):
+        cache.incr("counter")  # parent keeps writing while the child writes
+    assert to_child.recv() == "child wrote"
+    mp.join_ok(proc)
+    assert cache.get("shared") == 2
+    assert cache.get("counter") == 400
+    assert cache.get_many([f"child{i}" for i in range(200)]) == {f"child{i}": i
+                                                                 for i in range(200)}
+    cache.set("after", 1)  # the parent's connection still works
+    assert Cache(cache_dir).get("after") == 1
+    assert cache.store.conn().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_fork_children_of_children(cache_dir: str) -> None:
+    cache = Cache(cache_dir)
+    cache.incr("n")
+
+    def grandchild() -> None:
+        cache.incr("n")
+
+    def child() -> None:
+        cache.incr("n")
+        mp.join_ok(mp.start(FORK, grandchild))
+        cache.incr("n")
+
+    mp.join_ok(mp.start(FORK, child))
+    assert cache.get("n") == 4
