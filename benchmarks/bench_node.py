@@ -1,6 +1,6 @@
 """The node API side by side with redis-py, and under wrk next to a bare aiohttp route.
 
-Usage: .venv/bin/python benchmarks/bench_node.py [--n 5000] [--wrk-seconds 5]
+Usage: .venv/bin/python benchmarks/bench_node.py [--n 5000] [--rounds 10] [--wrk-seconds 3]
 
 Starts, in this run and on 127.0.0.1: a hypercacheio node (TCP and a unix socket), a
 redis-server (apt-get install -y redis-server; pip install redis), and a bare aiohttp
@@ -36,7 +36,13 @@ async def hello(request):
     return web.Response(body=b"hello", content_type="application/octet-stream")
 app = web.Application()
 app.router.add_get("/hello", hello)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+try:  # the same stack as the node: uvloop when it is installed
+    import uvloop
+    loop = uvloop.new_event_loop()
+except ImportError:
+    loop = None
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+            loop=loop)
 """
 
 
@@ -57,18 +63,37 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"nothing answered on port {port}")
 
 
-def measure(fn: Callable[[int], Any], n: int, warmup: int = 300) -> tuple[float, float]:
-    """p50 and p99 in microseconds of ``fn(i)`` over ``n`` calls."""
-    for i in range(warmup):
-        fn(i)
+def timed(fn: Callable[[int], Any], start: int, n: int) -> list[int]:
+    """Nanoseconds of each of ``n`` calls ``fn(start + i)``."""
     samples = []
     clock = time.perf_counter_ns
-    for i in range(n):
+    for i in range(start, start + n):
         t0 = clock()
-        fn(warmup + i)
+        fn(i)
         samples.append(clock() - t0)
-    samples.sort()
+    return samples
+
+
+def percentiles(samples: list[int]) -> tuple[float, float]:
+    """p50 and p99 in microseconds."""
+    samples = sorted(samples)
     return samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000
+
+
+def measure_all(clients: dict[str, dict[str, Callable[[int], Any]]], n: int, rounds: int
+                ) -> dict[str, dict[str, tuple[float, float]]]:
+    """Every (client, op) measured in ``rounds`` interleaved slices, so that a noisy moment
+    of the machine falls on all of them alike rather than on one."""
+    samples: dict[tuple[str, str], list[int]] = {}
+    per_round = max(1, n // rounds)
+    for r in range(rounds):
+        for name, ops in clients.items():
+            for op, fn in ops.items():
+                if r == 0:
+                    timed(fn, 10_000_000, 200)  # warm-up: connections, caches
+                samples.setdefault((name, op), []).extend(timed(fn, r * per_round, per_round))
+    return {name: {op: percentiles(samples[(name, op)]) for op in ops}
+            for name, ops in clients.items()}
 
 
 def remote_ops(rc: RemoteCache, tag: str) -> dict[str, Callable[[int], Any]]:
@@ -121,9 +146,13 @@ def run_wrk(url: str, seconds: int, headers: dict[str, str] | None = None) -> fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=5000, help="timed calls per operation")
-    parser.add_argument("--wrk-seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved latency slices")
+    parser.add_argument("--wrk-seconds", type=int, default=3)
+    parser.add_argument("--wrk-rounds", type=int, default=3)
     args = parser.parse_args()
 
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"({os.cpu_count()} CPUs)")
     procs: list[subprocess.Popen[bytes]] = []
     tmp = tempfile.mkdtemp(prefix="hypercacheio-bench-")
     try:
@@ -149,22 +178,20 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         tcp = RemoteCache(url, TOKEN)
         unix = RemoteCache("http://localhost", TOKEN, unix_socket=sock_path)
-        results: dict[str, dict[str, tuple[float, float]]] = {}
-        results["RemoteCache tcp"] = {op: measure(fn, args.n)
-                                      for op, fn in remote_ops(tcp, "tcp").items()}
-        results["RemoteCache unix"] = {op: measure(fn, args.n)
-                                       for op, fn in remote_ops(unix, "unix").items()}
+        clients = {"RemoteCache tcp": remote_ops(tcp, "tcp"),
+                   "RemoteCache unix": remote_ops(unix, "unix")}
         if redis_bin:
             import redis
             wait_port(redis_port)
-            r = redis.Redis(port=redis_port)
-            results["redis-py"] = {op: measure(fn, args.n) for op, fn in redis_ops(r).items()}
+            clients["redis-py"] = redis_ops(redis.Redis(port=redis_port))
         else:
             print("redis-server not found (apt-get install -y redis-server): no redis column")
+        results = measure_all(clients, args.n, args.rounds)
 
         ops = ["GET", "SET", "ADD", "INCR", "LOCK+UNLOCK"]
         columns = list(results)
-        print(f"\nlatency, microseconds, p50 / p99 ({args.n} calls each, one client, 127.0.0.1)")
+        print(f"\nlatency, microseconds, p50 / p99 ({args.n} calls each in {args.rounds} "
+              "interleaved slices, one client, 127.0.0.1)")
         print(f"{'op':<12}" + "".join(f"{c:>24}" for c in columns)
               + ("   tcp/redis p50" if "redis-py" in results else ""))
         for op in ops:
@@ -177,16 +204,24 @@ def main() -> int:
             print(row)
 
         if shutil.which("wrk"):
-            node_rps = run_wrk(f"{url}/api/hypercacheio/cache/hot", args.wrk_seconds,
-                               {"X-Hypercacheio-Token": TOKEN})
-            bare_rps = run_wrk(f"http://127.0.0.1:{bare_port}/hello", args.wrk_seconds)
-            print(f"\nwrk -t2 -c32 -d{args.wrk_seconds}s, requests/s")
-            print(f"{'node GET /cache/hot':<28}{node_rps:>10.0f}")
-            print(f"{'bare aiohttp route':<28}{bare_rps:>10.0f}")
+            node_runs, bare_runs = [], []
+            for _ in range(args.wrk_rounds):  # interleaved, medians: the machine is shared
+                node_runs.append(run_wrk(f"{url}/api/hypercacheio/cache/hot", args.wrk_seconds,
+                                         {"X-Hypercacheio-Token": TOKEN}))
+                bare_runs.append(run_wrk(f"http://127.0.0.1:{bare_port}/hello",
+                                         args.wrk_seconds))
+            node_rps, bare_rps = statistics.median(node_runs), statistics.median(bare_runs)
+            print(f"\nwrk -t2 -c32 -d{args.wrk_seconds}s, requests/s "
+                  f"(median of {args.wrk_rounds} interleaved runs)")
+            print(f"{'node GET /cache/hot':<28}{node_rps:>10.0f}   "
+                  + " ".join(f"{x:.0f}" for x in node_runs))
+            print(f"{'bare aiohttp route':<28}{bare_rps:>10.0f}   "
+                  + " ".join(f"{x:.0f}" for x in bare_runs))
             print(f"{'ratio (target >= 0.8)':<28}{node_rps / bare_rps:>10.2f}")
         else:
             print("wrk not found (apt-get install -y wrk): no throughput rows")
 
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         tcp_get = results["RemoteCache tcp"]["GET"]
         print("\ntargets:")
         if "redis-py" in results:

@@ -84,7 +84,8 @@ def add_race(directory: str, barrier: Any, me: int, keys: list[str]) -> list[str
 # ---- locks ------------------------------------------------------------------------------
 
 
-def locked_counter(directory: str, counter_path: str, rounds: int, me: int) -> list[tuple[int, int]]:
+def locked_counter(directory: str, counter_path: str, rounds: int,
+                   me: int) -> list[tuple[int, int]]:
     """Increment a number in a plain file under the lock; return (number read, fence) pairs.
 
     Overlap is detected with an O_EXCL marker file: creating it fails if another process is
@@ -123,11 +124,6 @@ def remember_once(directory: str, barrier: Any, key: str) -> Any:
 # ---- coherence ----------------------------------------------------------------------------
 
 
-def _t(msg: str) -> None:
-    with open("/tmp/trace.log", "a") as fh:
-        fh.write(f"{time.monotonic():.6f} {os.getpid()} {msg}\n")
-
-
 def lockstep_writer(directory: str, conn: Any, rounds: int) -> None:
     """Write round i, then tell the reader; wait for its answer before the next round."""
     cache = Cache(directory)
@@ -140,12 +136,6 @@ def lockstep_writer(directory: str, conn: Any, rounds: int) -> None:
         else:
             cache.incr("a")
             cache.set("b", [i])
-        if i == 1:
-            from hypercacheio.l1 import slot_of
-            with open("/tmp/writer.dbg", "w") as fh:
-                fh.write(f"pid={os.getpid()} path={cache.store.path} a={cache.store.get('a')} "
-                         f"tok={cache._tokens[slot_of('a')]} intx={cache.store.conn().in_transaction}\n")
-        _t(f"W send {i}")
         conn.send(i)
         assert conn.recv() == "ok"
     conn.send(None)
@@ -159,17 +149,12 @@ def lockstep_reader(directory: str, conn: Any) -> int | str:
     cache.get("b")
     while True:
         i = conn.recv()
-        _t(f"R recv {i}")
         if i is None:
             return rounds
         got = (cache.get("a"), cache.get("b"), cache.get_many(["a"]).get("a"))
         if got != (i, [i], i):
             conn.send(f"round {i}: read {got}")
-            from hypercacheio.l1 import slot_of
-            import hypercacheio.l1 as l1mod
-            return (f"round {i}: read {got} entry={cache._l1_data.get('a')} "
-                    f"tok={cache._tokens[slot_of('a')]} store={cache.store.get('a')} "
-                    f"l1file={cache.store.tokens.path} dir={directory} mod={l1mod.__file__}")
+            return f"round {i}: read {got}"
         for _ in range(3):  # warm L1 again for the next round
             cache.get("a")
             cache.get("b")
@@ -203,6 +188,10 @@ def racing_reader(directory: str, published: Any, final: int, barrier: Any) -> t
     return violations, reads
 
 
+def read_key(directory: str, key: str) -> Any:
+    return Cache(directory).get(key)
+
+
 # ---- opening at once ------------------------------------------------------------------------
 
 
@@ -213,3 +202,30 @@ def open_at_once(directory: str, barrier: Any, me: int, n: int) -> list[Any]:
     cache.incr("opened")
     barrier.wait()  # everyone has written
     return [cache.get(f"p{i}") for i in range(n)] + [cache.get("opened")]
+
+
+# ---- crashes --------------------------------------------------------------------------------
+
+
+def acking_writer(directory: str, conn: Any, kind: str) -> None:
+    """Write forever; after each write returns, send its sequence number (the ack)."""
+    cache = Cache(directory)
+    i = 0
+    while True:
+        i += 1
+        if kind == "set":
+            cache.set(f"k{i}", {"seq": i, "pad": "x" * (i % 200)})
+        elif kind == "incr":
+            cache.incr("counter")
+        else:
+            cache.set_many({f"m{i}a": i, f"m{i}b": [i]})
+        conn.send(i)
+
+
+def hold_lock_forever(directory: str, conn: Any) -> None:
+    cache = Cache(directory)
+    lock = cache.lock("crashy", ttl=1000)
+    assert lock.acquire(blocking=False)
+    conn.send(lock.fence)
+    while True:
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -63,6 +64,7 @@ class Node:
     """A node daemon running ``hypercacheio node run`` in a subprocess."""
 
     def __init__(self, directory: str, *, token: str = TOKEN, unix_socket: str | None = None,
+                 tls: tuple[str, str] | None = None,
                  extra_env: Mapping[str, str] | None = None) -> None:
         self.directory = directory
         self.token = token
@@ -71,13 +73,17 @@ class Node:
         extra = dict(extra_env or {})
         if unix_socket:
             extra["HYPERCACHEIO_NODE_SOCKET"] = unix_socket
+        self.tls = tls
+        if tls:
+            extra["HYPERCACHEIO_NODE_TLS_CERT"], extra["HYPERCACHEIO_NODE_TLS_KEY"] = tls
         self.env = node_env(directory, self.port, token, extra)
         self.log_file = self.env["HYPERCACHEIO_NODE_LOG_FILE"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{PREFIX}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}{PREFIX}"
 
     def start(self, timeout: float = 15.0) -> Node:
         os.makedirs(self.directory, exist_ok=True)
@@ -117,7 +123,12 @@ class Node:
                 headers: Mapping[str, str] | None = None, token: str | None = TOKEN,
                 timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
         """One raw HTTP request (as curl would send it): status, headers, body."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn: http.client.HTTPConnection
+        if self.tls:
+            conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                               context=ssl._create_unverified_context())
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             sent = dict(headers or {})
             if token is not None:

@@ -11,8 +11,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from conftest import FakeClock
 
+from conftest import FakeClock
 from hypercacheio import Cache, HypercacheioError, InvalidKeyError, InvalidValueError
 from hypercacheio.codec import INT64_MAX, INT64_MIN, TAG_PICKLE
 

@@ -200,6 +200,9 @@ def test_key_function_prefix_and_memo_follow_changes(store_dir: str) -> None:
     c.key_func = lambda key, prefix, version: ""
     with pytest.raises(InvalidCacheKey):
         c.get("k")
+    c.key_func = lambda key, prefix, version: 42
+    with pytest.raises(InvalidCacheKey, match="non-empty strings"):
+        c.set("k", 1)
     dotted = backend(store_dir, KEY_FUNCTION="test_django_backend.upper_key")
     dotted.set("k", "four")
     assert dotted.engine.get("K") == "four"
@@ -394,7 +397,20 @@ def test_command_delegates_check_and_node_to_the_cli(
     monkeypatch.setattr(cli, "main", fake_main)
     with override_settings(CACHES=caches_setting(store_dir)):
         call_command("hypercacheio", "node", "start", "--foreground")
-        assert seen == [("node", store_dir, ("start", "--foreground"))]
+        call_command("hypercacheio", "--alias", "shared", "node", "--force", "-x")
+        assert seen == [("node", store_dir, ("start", "--foreground")),
+                        ("node", store_dir, ("--force", "-x"))]
         assert "HYPERCACHEIO_SQLITE_PATH" not in os.environ  # restored afterwards
         with pytest.raises(CommandError, match="not available"):
             call_command("hypercacheio", "check")
+
+
+def test_command_runs_the_real_cli_help(store_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from hypercacheio import cli
+
+    if "node" not in getattr(cli.main, "commands", {}):
+        pytest.skip("this checkout's CLI has no `node` command yet")
+    with override_settings(CACHES=caches_setting(store_dir)):
+        call_command("hypercacheio", "node", "--help")
+    out = capsys.readouterr().out
+    assert "Usage: manage.py hypercacheio node" in out and "start" in out

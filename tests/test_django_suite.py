@@ -30,8 +30,9 @@ CACHE_ROOT = Path(os.environ.get("HYPERCACHEIO_DJANGO_CACHE", REPO / ".cache-dja
 RUNNER = Path(__file__).resolve().parent / "django_suite_runner.py"
 PYPI_JSON = "https://pypi.org/pypi/Django/{version}/json"
 
-# Tests in BaseCacheTests per Django feature release: all must run, none may be skipped.
-EXPECTED_TESTS = {"4.2": 54, "5.0": 54, "5.1": 54, "5.2": 54, "6.0": 62, "6.1": 62}
+# Tests in BaseCacheTests per Django feature release, as counted in each release's suite:
+# all must run, none may be skipped. A release not listed must run all that it collects.
+EXPECTED_TESTS = {"4.2": 54, "5.2": 54, "6.1": 62}
 
 
 def python_312() -> str | None:

@@ -7,8 +7,8 @@ import os
 import sqlite3
 
 import pytest
-from conftest import FakeClock
 
+from conftest import FakeClock
 from hypercacheio import Cache
 from hypercacheio.codec import TAG_INT
 from hypercacheio.l1 import SLOTS, TokenTable, is_immutable, slot_of
@@ -46,7 +46,7 @@ def test_token_table_shared_between_mappings(tmp_path: object) -> None:
     a.publish_all()
     after = b.tokens.tobytes()
     changed = sum(x != y for x, y in zip(memoryview(snapshot).cast("Q"),
-                                         memoryview(after).cast("Q")))
+                                         memoryview(after).cast("Q"), strict=True))
     assert changed > SLOTS - 10
     a.close()
     b.close()

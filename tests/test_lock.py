@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from conftest import FakeClock
 
+from conftest import FakeClock
 from hypercacheio import Cache, Lock, LockError, LockTimeout
 
 

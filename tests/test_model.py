@@ -13,10 +13,10 @@ from typing import Any
 
 import hypothesis.strategies as st
 import pytest
-from conftest import FakeClock
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from conftest import FakeClock
 from hypercacheio import Cache
 from hypercacheio.codec import INT64_MAX, INT64_MIN
 
@@ -268,6 +268,7 @@ TestOneCacheNoL1 = OneCacheNoL1.TestCase
 TestTwoCachesL1 = TwoCachesL1.TestCase
 TestTwoCachesSmallL1 = TwoCachesSmallL1.TestCase
 TestTwoCachesMixed = TwoCachesMixed.TestCase
-for case in (TestOneCacheL1, TestOneCacheNoL1, TestTwoCachesL1, TestTwoCachesSmallL1,
-             TestTwoCachesMixed):
-    case.settings = SETTINGS
+for _case in (TestOneCacheL1, TestOneCacheNoL1, TestTwoCachesL1, TestTwoCachesSmallL1,
+              TestTwoCachesMixed):
+    _case.settings = SETTINGS
+del _case

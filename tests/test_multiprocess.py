@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from pathlib import Path
 from typing import Any
 
-import mp_helpers as mp
 import pytest
 
+import mp_helpers as mp
 from hypercacheio import Cache
 
 pytestmark = pytest.mark.timeout(120)
@@ -171,3 +172,34 @@ def test_fork_children_of_children(cache_dir: str) -> None:
 
     mp.join_ok(mp.start(FORK, child))
     assert cache.get("n") == 4
+
+
+def test_child_writes_survive_parent_closing(cache_dir: str) -> None:
+    """Regression: a child forked while the parent had a connection open shared SQLite's
+    per-file lock tables; when the parent then closed its connection it deleted the -wal
+    file the child kept writing into, and the child's later writes were lost to everyone."""
+    cache = Cache(cache_dir)
+    cache.set("x", 0)  # the parent's connection is open now
+    parent_end, child_end = FORK.Pipe()
+
+    def child(conn: Any) -> None:
+        mine = Cache(cache_dir)
+        mine.set("x", 1)
+        conn.send("wrote 1")
+        assert conn.recv() == "go"
+        mine.set("x", 2)
+        conn.send("wrote 2")
+        assert conn.recv() == "bye"
+
+    proc = mp.start(FORK, child, child_end)
+    assert parent_end.recv() == "wrote 1"
+    cache.close()  # the parent's last connection goes
+    del cache
+    gc.collect()
+    parent_end.send("go")
+    assert parent_end.recv() == "wrote 2"
+    [seen] = mp.run_all(FORK, mp.read_key, [(cache_dir, "x")])  # a process forked now
+    fresh = Cache(cache_dir)
+    parent_end.send("bye")
+    mp.join_ok(proc)
+    assert (seen, fresh.get("x")) == (2, 2)

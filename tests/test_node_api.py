@@ -6,13 +6,14 @@ import json
 import os
 import pickle
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hypercacheio import Cache
-from node_helpers import TOKEN, Node
+from node_helpers import TOKEN, Node, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -297,3 +298,38 @@ def test_api_writes_and_library_writes_see_each_other(node: Node) -> None:
         assert pickle.loads(body) == {"x": 1}  # the node passed the pickle through untouched
     finally:
         cache.close()
+
+
+def test_node_memory_layer_follows_writes_from_other_processes(node: Node) -> None:
+    cache = Cache(node.directory, l1_max_items=0)
+    try:
+        assert node.request("GET", "/cache/l1-key")[0] == 404  # the node remembers the miss
+        cache.set("l1-key", b"one")
+        assert node.request("GET", "/cache/l1-key")[2] == b"one"
+        assert node.request("GET", "/cache/l1-key")[2] == b"one"  # served from memory
+        cache.set("l1-key", "two")
+        status, headers, body = node.request("GET", "/cache/l1-key")
+        assert (body, headers["x-hypercacheio-type"]) == (b"two", "str")
+        cache.delete("l1-key")
+        assert node.request("GET", "/cache/l1-key")[0] == 404
+        node.json("POST", "/cache/l1-short?ttl=0.3", b"brief")
+        assert node.request("GET", "/cache/l1-short")[0] == 200
+        time.sleep(0.4)
+        assert node.request("GET", "/cache/l1-short")[0] == 404  # expiry bounds the memory
+    finally:
+        cache.close()
+
+
+def test_background_collection_removes_expired_entries_and_locks(tmp_path: Path) -> None:
+    with Node(str(tmp_path / "gc"), extra_env={"HYPERCACHEIO_NODE_GC_INTERVAL": "0.1"}) as n:
+        n.json("POST", "/cache/short?ttl=0.05", b"x")
+        n.json("POST", "/cache/long", b"x")
+        n.json("POST", "/lock/brief?ttl=0.05")
+
+        def collected() -> bool:
+            text = n.request("GET", "/metrics")[2].decode()
+            return "hypercacheio_gc_removed_total 1" in text
+
+        assert wait_until(collected, 10)
+        entries, locks = snapshot(n.directory)
+        assert [row[0] for row in entries] == ["long"] and locks == []

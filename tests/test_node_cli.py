@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -151,3 +152,46 @@ def test_help_lists_the_verbs() -> None:
     result = cli("node", "--help", env=dict(os.environ))
     for verb in ("run", "start", "stop", "status", "restart"):
         assert verb in result.stdout
+
+
+def test_options_are_validated() -> None:
+    from hypercacheio import ConfigError
+    from hypercacheio.node.options import NodeOptions
+
+    assert NodeOptions.from_env({"HYPERCACHEIO_NODE_RATE_LIMIT": "5"}).rate_limit == 5.0
+    for env in ({"HYPERCACHEIO_NODE_MAX_VALUE_BYTES": "lots"},
+                {"HYPERCACHEIO_NODE_MAX_VALUE_BYTES": "0"},
+                {"HYPERCACHEIO_NODE_RATE_LIMIT": "-1"},
+                {"HYPERCACHEIO_NODE_GC_INTERVAL": "0"},
+                {"HYPERCACHEIO_NODE_LOG_LEVEL": "chatty"},
+                {"HYPERCACHEIO_NODE_TLS_CERT": "/c.pem"}):
+        with pytest.raises(ConfigError):
+            NodeOptions.from_env(env)
+
+
+def test_token_resolution(tmp_path: Path) -> None:
+    from hypercacheio import ConfigError, Settings
+    from hypercacheio.node.options import resolve_token
+
+    loopback = Settings(directory=str(tmp_path / "a"))
+    token, generated = resolve_token(loopback, explicit=False)
+    assert generated and len(token) >= 32
+    assert resolve_token(loopback, explicit=False) == (token, False)  # reused
+    assert resolve_token(loopback.replace(api_token="mine"), explicit=True) == ("mine", False)
+    assert resolve_token(loopback.replace(api_token="changeme"), explicit=True)[0] == "changeme"
+    public = loopback.replace(node_listen_host="0.0.0.0", api_token="changeme")
+    with pytest.raises(ConfigError, match="refusing to listen on 0.0.0.0"):
+        resolve_token(public, explicit=True)
+    with pytest.raises(ConfigError):
+        resolve_token(public.replace(api_token=""), explicit=True)
+    assert resolve_token(public.replace(api_token="s3cret-long"), explicit=True)[0] \
+        == "s3cret-long"
+
+
+def test_run_on_a_busy_port_says_so(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        env = node_env(str(tmp_path / "busy"), busy.getsockname()[1])
+        result = cli("node", "run", env=env)
+    assert result.returncode == 1 and "already in use" in result.stderr

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import shutil
 import socket
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,3 +243,83 @@ def test_values_are_shared_with_a_local_cache(rc: RemoteCache, node: Node) -> No
         assert rc.incr("num", 5) == 15 and local.get("num") == 15
     finally:
         local.close()
+
+
+def test_client_survives_a_node_restart(tmp_path: Path) -> None:
+    node = Node(str(tmp_path / "restart")).start()
+    try:
+        rc = node.client()
+        rc.set("k", 1)
+        assert node.stop() == 0
+        with pytest.raises(NodeUnavailable):
+            rc.get("k")
+        node.start()  # same port: the pooled connection is stale, a new one is made
+        assert rc.get("k") == 1
+    finally:
+        node.kill()
+
+
+def _one_answer_server(answers: int) -> tuple[socket.socket, threading.Thread]:
+    """Answers ``answers`` requests, each on its own connection, closing it after (as a
+    server whose keep-alive timeout passed would), without saying Connection: close."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def serve() -> None:
+        for _ in range(answers):
+            conn, _ = server.accept()
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n"
+                         b"Content-Type: application/json\r\n\r\n{\"ok\": true}")
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_fast_transport_resends_once_on_a_connection_closed_while_idle() -> None:
+    server, thread = _one_answer_server(2)
+    with server:
+        rc = RemoteCache(f"http://127.0.0.1:{server.getsockname()[1]}", "t", transport="fast")
+        assert rc.ping() == {"ok": True}
+        assert rc.ping() == {"ok": True}  # the pooled connection was closed: resent
+        assert rc._transport.connections_made == 2
+        thread.join(5)
+
+
+def test_a_fresh_connection_closed_without_answer_is_node_unavailable() -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    with server:
+        rc = RemoteCache(f"http://127.0.0.1:{server.getsockname()[1]}", "t", transport="fast")
+        with pytest.raises(NodeUnavailable, match="closed the connection"):
+            rc.ping()
+        thread.join(5)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    with Node(str(tmp_path / "tls"), tls=(str(cert), str(key))) as node:
+        url = f"https://127.0.0.1:{node.port}"
+        for transport in ("fast", "urllib3"):
+            rc = RemoteCache(url, node.token, verify=str(cert), transport=transport)
+            rc.set("secure", "yes")
+            assert rc.get("secure") == "yes"
+            assert rc.ping()["listen"] == [f"https://127.0.0.1:{node.port}"]
+            with pytest.raises(NodeUnavailable):  # the default trust store does not know it
+                RemoteCache(url, node.token, transport=transport).get("secure")

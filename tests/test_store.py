@@ -7,8 +7,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import FakeClock
 
+from conftest import FakeClock
 from hypercacheio import Cache, StorageError
 from hypercacheio.codec import TAG_INT, TAG_STR, TAG_TOMBSTONE
 from hypercacheio.store import DB_NAME, SCHEMA_VERSION, TOMBSTONE_SECONDS, Store, filesystem_type

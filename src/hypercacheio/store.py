@@ -166,13 +166,43 @@ _fork_generation = [0]
 _stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
+
+
+class _Connection(sqlite3.Connection):
+    """A connection a WeakSet can hold, so that ``_before_fork`` finds every open one."""
+
+    __slots__ = ("__weakref__",)
+
+
+_open: weakref.WeakSet[_Connection] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    """Close this process's idle connections before fork(); each thread reopens on next use.
+
+    SQLite keeps the lock state of every open file in process-wide tables. A child that
+    inherits them believes it holds locks it does not; when the parent later closes its
+    last connection it deletes the -wal file the child still writes into, and every write
+    of the child after that is lost to other processes. Fresh connections opened in a
+    child of a parent with no open connection share nothing.
+    """
+    for conn in list(_open):
+        try:
+            if not conn.in_transaction:  # a transaction of another thread: leave it alone
+                conn.close()
+        except sqlite3.Error:  # already closed
+            pass
+    for store in list(_stores):
+        store._local = threading.local()
+
+
 def _after_fork_in_child() -> None:
     _fork_generation[0] += 1
     for store in list(_stores):
         store._forget_connections()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -369,7 +399,8 @@ class Store:
         try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
                                    isolation_level=None, check_same_thread=False,
-                                   cached_statements=256)
+                                   cached_statements=256, factory=_Connection)
+            _open.add(conn)
             for pragma in PRAGMAS_CONNECTION:
                 conn.execute(pragma)
         except sqlite3.DatabaseError as exc:

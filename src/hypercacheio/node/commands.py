@@ -6,6 +6,7 @@ and ``status``, as LSB init scripts say); ``status`` exits 1 for a stale pid fil
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -171,7 +172,15 @@ def run_cmd(quiet: bool, **kwargs: Any) -> None:
     except daemon.AlreadyRunning as exc:
         err_console.print(f"[red]not started:[/] {exc}")
         sys.exit(EXIT_FAILED)
-    except (HypercacheioError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            err_console.print(f"[red]not started:[/] {settings.node_listen_host}:"
+                              f"{settings.node_port} is already in use by another program; "
+                              "stop it or choose another --port (HYPERCACHEIO_NODE_PORT)")
+        else:
+            err_console.print(f"[red]the node failed:[/] {exc}")
+        sys.exit(EXIT_FAILED)
+    except HypercacheioError as exc:
         err_console.print(f"[red]the node failed:[/] {exc}")
         sys.exit(EXIT_FAILED)
 

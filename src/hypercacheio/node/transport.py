@@ -14,7 +14,6 @@ client turns those into ``NodeUnavailable``.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import ssl
 import threading
@@ -29,6 +28,9 @@ try:
     import urllib3
 except ImportError:  # pragma: no cover - the library works without it
     urllib3 = None  # type: ignore[assignment]
+
+
+RECV_BYTES = 65536  # below malloc's mmap threshold: no map/unmap per read
 
 
 class TransportError(OSError):
@@ -125,17 +127,17 @@ class FastTransport:
         return sock
 
     def _checkout(self) -> tuple[socket.socket, bool]:
-        """An idle connection still open (reused=True), or a new one."""
+        """An idle connection (reused=True), or a new one.
+
+        An idle connection the server has closed meanwhile shows up as an EOF before any
+        byte of the answer; ``request`` then sends once more on a new connection.
+        """
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's sockets are not ours
                 self._idle = []
                 self._pid = os.getpid()
-            while self._idle:
-                sock = self._idle.pop()
-                # Readable while idle means the server closed it (or sent garbage): drop it.
-                if not select.select([sock], [], [], 0)[0]:
-                    return sock, True
-                sock.close()
+            if self._idle:
+                return self._idle.pop(), True
         return self._connect(), False
 
     def _checkin(self, sock: socket.socket) -> None:
@@ -172,7 +174,7 @@ class FastTransport:
         try:
             sock.sendall(payload)
             while not reader.done:
-                data = sock.recv(262144)
+                data = sock.recv(RECV_BYTES)
                 if not data:
                     if received == 0:
                         raise _StaleConnection

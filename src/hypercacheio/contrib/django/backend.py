@@ -170,7 +170,8 @@ class HyperCacheIOCache(BaseCache):
                 full = "%s:%s:%s" % (self.key_prefix, version, key)  # noqa: UP031 (Django's form)
             else:
                 full = key_func(key, self.key_prefix, version)
-            if len(full) > _MEMCACHE_MAX_KEY_LENGTH or _MEMCACHE_BAD_CHARS.search(full):
+            if type(full) is str and (len(full) > _MEMCACHE_MAX_KEY_LENGTH
+                                      or _MEMCACHE_BAD_CHARS.search(full)):
                 self.validate_key(full)
                 warned = True
         if type(full) is not str or not full:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -86,6 +87,24 @@ class Command(BaseCommand):
                 name, help=f"Run `hypercacheio {name} ...` with this alias's settings.",
                 add_help=False)
             delegated.add_argument("args", nargs=argparse.REMAINDER)
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        """Everything after ``check`` or ``node`` goes to the CLI untouched (even ``--help``,
+        which argparse's REMAINDER would otherwise take as its own)."""
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parse = parser.parse_args
+
+        def parse_args(args: list[str] | None = None, namespace: Any = None) -> Any:
+            given = list(sys.argv[2:] if args is None else args)
+            for i, arg in enumerate(given):
+                if arg in DELEGATED and (i == 0 or given[i - 1] != "--alias"):
+                    parsed = parse(given[:i + 1], namespace)
+                    parsed.args = given[i + 1:]
+                    return parsed
+            return parse(given, namespace)
+
+        parser.parse_args = parse_args
+        return parser
 
     def handle(self, *args: Any, **options: Any) -> None:
         alias = self._alias(options["alias"])
