@@ -203,6 +203,17 @@ def test_openapi_document_is_served_without_token(node: Node) -> None:
             "/cache", "/ping", "/metrics"} <= set(doc["paths"])
 
 
+def test_every_route_is_in_the_openapi_document() -> None:
+    from hypercacheio.node.api import ROUTES
+    from hypercacheio.node.openapi import document
+
+    paths = document("x")["paths"]
+    for method, path, _handler, name in ROUTES:
+        documented = path.replace("{key:[\\s\\S]+}", "{key}")
+        assert method.lower() in paths[documented], (method, path)
+        assert paths[documented][method.lower()]["operationId"] == name
+
+
 # ---- auth -----------------------------------------------------------------------------------
 
 EVERY_ENDPOINT = [
@@ -260,7 +271,7 @@ def test_malformed_requests_get_400_json(node: Node, method: str, path: str,
 
 def test_unknown_route_and_method_are_json(node: Node) -> None:
     status, doc = node.json("GET", "/nope")
-    assert status == 404 and doc["code"] == "not_found"
+    assert status == 404 and doc["code"] == "no_route"
     status, headers, body = node.request("PUT", "/cache/x", b"v")
     assert status == 405 and "POST" in headers["allow"]
     assert json.loads(body)["code"] == "method_not_allowed"

@@ -223,6 +223,14 @@ def test_silent_server_times_out_as_node_unavailable(transport: str) -> None:
             rc.get("x")
 
 
+def test_a_wrong_url_path_is_an_error_not_a_miss(node: Node) -> None:
+    rc = RemoteCache(f"http://127.0.0.1:{node.port}/wrong/prefix", node.token)
+    with pytest.raises(RequestRejected, match="no hypercacheio node API"):
+        rc.get("k")
+    with pytest.raises(RequestRejected):
+        rc.add("k", 1)
+
+
 def test_url_forms() -> None:
     assert RemoteCache("http://h:1", "t").url == "http://h:1/api/hypercacheio"
     assert RemoteCache("http://h:1/", "t").url == "http://h:1/api/hypercacheio"

@@ -479,7 +479,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except InvalidKeyError as exc:
         response = error(400, "invalid_key", str(exc))
     except web.HTTPException as exc:
-        code = {404: "not_found", 405: "method_not_allowed",
+        code = {404: "no_route", 405: "method_not_allowed",
                 413: "too_large"}.get(exc.status, "http_error")
         message = exc.reason
         if exc.status == 405:

@@ -114,9 +114,14 @@ class RemoteCache:
             raise NodeUnavailable(f"node at {self._where()} did not answer {method} "
                                   f"{path}: {exc}") from exc
         status = resp.status
-        if status < 400 or status == 404:
+        if status < 400:
             return resp
         message, code = self._error_of(resp)
+        if status == 404:
+            if code == "not_found":  # a miss, as GET /cache/{key} reports one
+                return resp
+            raise RequestRejected(404, f"no hypercacheio node API at {self._where()} "
+                                  f"(check the URL's path): {message}", code)
         if status == 401:
             raise AuthError(f"node at {self._where()} refused the API token ({message}); "
                             "check HYPERCACHEIO_API_TOKEN")
