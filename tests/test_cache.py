@@ -131,7 +131,15 @@ def test_incr_decr(cache: Cache, clock: FakeClock) -> None:
     assert cache.ttl("t") is None
 
 
-@pytest.mark.parametrize("value", ["1", b"1", 1.0, None, [1], True, 2**63])
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**200])
+def test_incr_on_int_beyond_64_bits_is_overflow(cache: Cache, value: Any) -> None:
+    cache.set("k", value)  # stored pickled: beyond SQLite's integers
+    with pytest.raises(OverflowError, match="64-bit"):
+        cache.incr("k")
+    assert cache.get("k") == value
+
+
+@pytest.mark.parametrize("value", ["1", b"1", 1.0, None, [1], True])
 def test_incr_non_integer(cache: Cache, value: Any) -> None:
     cache.set("k", value)
     with pytest.raises(TypeError, match="not an integer"):

@@ -11,9 +11,8 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from . import codec
-from .codec import TAG_INT, UndecodableValue, check_key, decode, encode
+from .codec import UndecodableValue, check_key, decode, encode
 from .config import Settings
-from .errors import InvalidKeyError, LockTimeout
 from .l1 import ABSENT, L1, slot_of
 from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock
 from .store import Store
@@ -118,7 +117,11 @@ class Cache:
         if isinstance(ttl, timedelta):
             seconds = ttl.total_seconds()
         elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-            seconds = float(ttl)
+            try:
+                seconds = float(ttl)
+            except OverflowError:
+                raise ValueError(f"ttl of {ttl} seconds is too large; use None for "
+                                 "never") from None
         else:
             raise TypeError(f"ttl must be seconds (int, float, timedelta) or None, "
                             f"got {type(ttl).__name__}")
@@ -305,7 +308,20 @@ class Cache:
             raise TypeError(f"delta must be an int, got {type(delta).__name__}")
         full = self._key(key)
         expire = self._expire_at(MISSING)
-        value = self.store.incr(full, delta, None if expire is _GONE else expire, create=create)
+        try:
+            value = self.store.incr(full, delta, None if expire is _GONE else expire,
+                                    create=create)
+        except TypeError:
+            # An int beyond 64 bits is stored pickled; say what is really wrong with it.
+            row = self.store.get(full)
+            try:
+                current = decode(row[0], row[1]) if row is not None else None
+            except UndecodableValue:
+                current = None
+            if type(current) is int:
+                raise OverflowError(f"cannot increment {key!r}: its value {current} is "
+                                    "outside the 64-bit range") from None
+            raise
         self._forget_l1(key)
         return value
 
@@ -340,7 +356,7 @@ class Cache:
         """
         value = self.get(key, MISSING)
         if value is not MISSING:
-            return value  # type: ignore[no-any-return]
+            return value
         name = f"hypercacheio:remember:{key}"
         if len(name.encode("utf-8")) > codec.MAX_KEY_BYTES:  # a long key: name its digest
             name = "hypercacheio:remember:#" + hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -351,7 +367,7 @@ class Cache:
             if value is MISSING:
                 value = fn()
                 self.set(key, value, ttl)
-            return value  # type: ignore[no-any-return]
+            return value
         finally:
             if got:
                 lock.release()

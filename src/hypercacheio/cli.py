@@ -1,4 +1,4 @@
-"""The ``hypercacheio`` command: thin translation from arguments to the modules, printed with rich."""
+"""The ``hypercacheio`` command: thin translation from arguments to modules, printed with rich."""
 
 from __future__ import annotations
 
@@ -149,7 +149,11 @@ _MISSING = object()
 def set_cmd(directory: str | None, key: str, value: str, ttl: float | None, kind: str) -> None:
     """Store VALUE under KEY."""
     try:
-        parsed: Any = int(value) if kind == "int" else json.loads(value) if kind == "json" else value
+        parsed: Any = value
+        if kind == "int":
+            parsed = int(value)
+        elif kind == "json":
+            parsed = json.loads(value)
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not valid {kind}: {exc}") from exc
     cache = open_cache(load_settings(directory))

@@ -586,7 +586,7 @@ class Store:
             self._delete(txn, key)
             if row[2] is not None and row[2] <= txn.now:
                 return None
-            return row  # type: ignore[no-any-return]
+            return row
 
     def incr(self, key: str, delta: int, expire_if_new: float | None, *,
              create: bool = True) -> int:
