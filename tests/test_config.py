@@ -163,7 +163,7 @@ def test_invalid_env_values(env: dict[str, str], says: str) -> None:
         {"max_entries": -1},
         {"api_token": 123},
         {"busy_timeout": None},
-        {"l1_max_age": None},
+        {"l1_max_age": -1},
     ],
 )
 def test_invalid_keyword_values(kwargs: dict[str, Any]) -> None:

@@ -159,6 +159,32 @@ def test_l1_max_age_bounds_staleness(cache_dir: str, clock: FakeClock) -> None:
     assert c.get("k") == 2
 
 
+@pytest.mark.parametrize("ttl", [None, 60])
+def test_writer_killed_between_commit_and_publish_still_invalidates(
+        cache_dir: str, clock: FakeClock, ttl: float | None) -> None:
+    # The writer publishes before its COMMIT as well as after: if it dies right after the
+    # COMMIT (simulated by skipping everything that follows it), readers that filled their
+    # L1 earlier still refetch. No age bound is configured, so nothing else would save them.
+    reader = Cache(cache_dir, clock=clock)
+    writer = Cache(cache_dir, clock=clock)
+    reader.set("k", "old", ttl=ttl)
+    reader.set("other", "old", ttl=ttl)
+    assert reader.get("k") == "old" and reader.get("other") == "old"
+    assert reader.get("k") == "old"  # an L1 hit now
+    died = RuntimeError("killed after COMMIT")
+
+    def die(changed: list[str], everything: bool = False) -> None:
+        raise died
+
+    writer.store._finish = die  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        writer.set("k", "new", ttl=ttl)
+    with pytest.raises(RuntimeError):
+        writer.set_many({"other": "new"}, ttl=ttl)
+    assert reader.get("k") == "new"
+    assert reader.get("other") == "new"
+
+
 def test_returned_mutables_are_copies(cache_dir: str) -> None:
     c = Cache(cache_dir)
     c.set("list", [1, 2])

@@ -148,7 +148,8 @@ class Cache:
             except (KeyError, TypeError):  # not in L1 (unhashable: the store path says why)
                 pass
             else:
-                if self._tokens[slot] == token and deadline > self._clock():
+                if self._tokens[slot] == token and (deadline is None
+                                                    or deadline > self._clock()):
                     self.l1_hits += 1
                     if encoded is None:
                         if value is not ABSENT:
@@ -203,7 +204,7 @@ class Cache:
         for key in keys:
             entry = data.get(key) if data is not None else None
             if entry is not None and self._tokens[entry[1]] == entry[2] \
-                    and entry[3] > self._clock():
+                    and (entry[3] is None or entry[3] > self._clock()):
                 self.l1_hits += 1
                 if entry[0] is not ABSENT:
                     try:

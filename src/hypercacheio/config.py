@@ -143,7 +143,7 @@ class Settings:
     prefix: str = ""
     default_ttl: float | None = None
     l1_max_items: int = 10_000
-    l1_max_age: float = 300.0
+    l1_max_age: float | None = None
     max_bytes: int | None = None
     max_entries: int | None = None
     cull_frequency: int = 3
@@ -176,8 +176,9 @@ class Settings:
         put(self, "default_ttl", ttl)
         put(self, "l1_max_items", _int("l1_max_items", self.l1_max_items, minimum=0))
         age = parse_ttl("l1_max_age", self.l1_max_age)
-        if age is None or age <= 0:
-            raise ConfigError(f"l1_max_age must be > 0 seconds, got {self.l1_max_age!r}")
+        if age is not None and age <= 0:
+            raise ConfigError(f"l1_max_age must be > 0 seconds or None, "
+                              f"got {self.l1_max_age!r}")
         put(self, "l1_max_age", age)
         put(self, "max_bytes", _optional_int("max_bytes", self.max_bytes, minimum=4096))
         put(self, "max_entries", _optional_int("max_entries", self.max_entries, minimum=1))

@@ -98,14 +98,16 @@ class L1:
     """A bounded map key -> (value, slot, token, deadline, encoded).
 
     ``encoded`` is None when ``value`` is returned as is, else the (tag, payload) to decode.
-    ``deadline`` is the earlier of the row's expiry and ``now + max_age``: the age bound
-    caps staleness even if a writer died between its commit and its token.
+    ``deadline`` is the earlier of the row's expiry and ``now + max_age`` (None: neither
+    is set, and a hit needs no clock read). The optional age bound caps how long an entry
+    is trusted at all; writers publish tokens both before and after their commit, so a
+    writer killed between the two has still invalidated what other processes hold.
     """
 
     __slots__ = ("data", "max_items", "max_age", "tokens")
 
-    def __init__(self, tokens: TokenTable, max_items: int, max_age: float) -> None:
-        self.data: dict[str, tuple[Any, int, int, float, Any]] = {}
+    def __init__(self, tokens: TokenTable, max_items: int, max_age: float | None) -> None:
+        self.data: dict[str, tuple[Any, int, int, float | None, Any]] = {}
         self.max_items = max_items
         self.max_age = max_age
         self.tokens = tokens.tokens
@@ -118,9 +120,7 @@ class L1:
                 del data[next(iter(data))]
             except (StopIteration, KeyError, RuntimeError):
                 pass
-        deadline = now + self.max_age
-        if expire_at is not None and expire_at < deadline:
-            deadline = expire_at
+        deadline = entry_deadline(expire_at, now, self.max_age)
         if value is ABSENT or is_immutable(value):
             data[key] = (value, slot, token, deadline, None)
         else:
@@ -131,6 +131,14 @@ class L1:
 
     def clear(self) -> None:
         self.data.clear()
+
+
+def entry_deadline(expire_at: float | None, now: float, max_age: float | None) -> float | None:
+    """Until when an L1 entry may be served: the row's expiry, capped by the age bound."""
+    if max_age is None:
+        return expire_at
+    bound = now + max_age
+    return bound if expire_at is None or expire_at > bound else expire_at
 
 
 def decode_entry(encoded: tuple[int, Any]) -> Any:

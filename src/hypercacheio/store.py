@@ -289,6 +289,7 @@ class _Transaction:
         try:
             if txn.inserted and store.max_entries is not None:
                 store._enforce_max_entries(txn)
+            store._publish(txn.changed, txn.everything)  # before COMMIT too: see _publish
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -448,13 +449,21 @@ class Store:
         """
         return _Transaction(self)
 
-    def _finish(self, changed: list[str], everything: bool = False) -> None:
-        """After a COMMIT: publish the new tokens, then the amortized upkeep."""
-        # Commit first, then publish: a reader that saw the old token must refetch.
+    def _publish(self, changed: list[str], everything: bool = False) -> None:
+        """Fresh L1 tokens for the changed keys (every slot for ``everything``).
+
+        Called after the COMMIT (a reader that saw the old token must refetch) and also
+        just before it: a writer killed between its COMMIT and the second publish has
+        then still invalidated every L1 entry that other processes filled before.
+        """
         if everything:
             self.tokens.publish_all()
         elif changed:
             self.tokens.publish(changed)
+
+    def _finish(self, changed: list[str], everything: bool = False) -> None:
+        """After a COMMIT: publish the new tokens, then the amortized upkeep."""
+        self._publish(changed, everything)
         self._writes += 1
         if self._writes % GC_EVERY == 0:
             self._collect_amortized()
@@ -521,6 +530,7 @@ class Store:
         does and reads nothing before, so no stale snapshot. It skips the BEGIN and COMMIT
         round trips (about 1.5 us, plus the transaction object, of a ~20 us write).
         """
+        self._publish(changed)  # before the write too: see _publish
         try:
             cur = self.conn().execute(sql, params)
         except sqlite3.OperationalError as exc:

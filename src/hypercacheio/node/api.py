@@ -23,7 +23,7 @@ from .. import codec
 from ..codec import check_key
 from ..config import Settings
 from ..errors import InvalidKeyError, StorageError
-from ..l1 import ABSENT, slot_of
+from ..l1 import ABSENT, entry_deadline, slot_of
 from ..store import Store
 from . import openapi as openapi_document
 from . import protocol as p
@@ -207,7 +207,7 @@ async def get_value(request: web.Request) -> web.StreamResponse:
         # token read before the row was, and before the row's expiry.
         entry = data.get(key)
         if entry is not None and state.tokens[entry[1]] == entry[2] \
-                and entry[3] > state.store.clock():
+                and (entry[3] is None or entry[3] > state.store.clock()):
             answer = entry[0]
             if answer is ABSENT:
                 state.misses += 1
@@ -244,9 +244,7 @@ def _remember(state: NodeState, data: dict[str, Any], key: str, slot: int, token
             del data[next(iter(data))]
         except (StopIteration, KeyError, RuntimeError):
             pass
-    deadline = state.store.clock() + state.settings.l1_max_age
-    if expire_at is not None and expire_at < deadline:
-        deadline = expire_at
+    deadline = entry_deadline(expire_at, state.store.clock(), state.settings.l1_max_age)
     data[key] = (answer, slot, token, deadline, None)
 
 
