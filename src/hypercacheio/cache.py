@@ -14,7 +14,7 @@ from . import codec
 from .codec import UndecodableValue, check_key, decode, encode
 from .config import Settings
 from .l1 import ABSENT, L1, slot_of
-from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock
+from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock, StoreLocks
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Cache:
             max_entries=s.max_entries, cull_frequency=s.cull_frequency,
             clustered=s.clustered, allow_network_fs=s.allow_network_fs, clock=clock,
         )
+        self._locks = StoreLocks(self.store)
         self._l1 = L1(self.store.tokens, s.l1_max_items, s.l1_max_age) if s.l1_max_items else None
         self._l1_data = self._l1.data if self._l1 else None
         self._tokens = self.store.tokens.tokens
@@ -385,7 +386,7 @@ class Cache:
             raise TypeError(f"lock ttl must be seconds or None, got {type(ttl).__name__}")
         if owner is not None and not isinstance(owner, str):
             raise TypeError(f"lock owner must be a str, got {type(owner).__name__}")
-        return Lock(self.store, full, None if seconds is None else float(seconds), owner,
+        return Lock(self._locks, full, None if seconds is None else float(seconds), owner,
                     blocking_timeout=blocking_timeout, monotonic=self._monotonic,
                     sleep=self._sleep, display_name=name)
 

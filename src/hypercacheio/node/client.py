@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -17,19 +16,13 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from .. import codec
 from ..codec import UndecodableValue, check_key
-from ..errors import (
-    AuthError,
-    HypercacheioError,
-    LockError,
-    LockTimeout,
-    NodeUnavailable,
-)
+from ..errors import AuthError, HypercacheioError, NodeUnavailable
+from ..lock import DEFAULT_BLOCKING_TIMEOUT, Lock
 from . import protocol as p
 from .transport import Response, Target, check_header_value, make_transport, tls_context
 
 TYPE_KEY = p.TYPE_HEADER.lower()
 DEFAULT_LOCK_TTL = 10.0
-DEFAULT_BLOCKING_TIMEOUT = 10.0
 
 
 class RequestRejected(HypercacheioError, ValueError):
@@ -235,7 +228,8 @@ class RemoteCache:
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
                                 or not ttl > 0):
             raise ValueError(f"lock ttl must be > 0 seconds or None, got {ttl!r}")
-        return RemoteLock(self, name, ttl, owner, blocking_timeout=blocking_timeout)
+        return RemoteLock(self, name, ttl, owner, blocking_timeout=blocking_timeout,
+                          monotonic=self._monotonic, sleep=self._sleep)
 
     def ping(self) -> dict[str, Any]:
         """The node's health and figures (role, node id, version, uptime, entries, ...)."""
@@ -255,111 +249,39 @@ class RemoteCache:
     def __repr__(self) -> str:
         return f"<RemoteCache {self._where()}>"
 
-    # ---- lock transport (used by RemoteLock) ----------------------------------------------
+    # ---- the lock backend (lock.LockBackend) used by RemoteLock ------------------------------
 
-    def _lock_acquire(self, name: str, owner: str, ttl: float | None) -> tuple[bool, int | None]:
+    def try_lock(self, name: str, owner: str, ttl: float | None) -> int | None:
         fields = {"owner": owner}
         if ttl is not None:
             fields["ttl"] = repr(float(ttl))
         doc = self._json(self._request("POST", "/lock/" + _quote_key(name), fields=fields))
         fence = doc.get("fence")
-        return bool(doc.get("acquired")), None if fence is None else int(fence)
+        return int(fence) if doc.get("acquired") and fence is not None else None
 
-    def _lock_extend(self, name: str, owner: str, ttl: float | None) -> bool:
+    def extend_lock(self, name: str, owner: str, ttl: float | None) -> bool:
         fields = {"owner": owner, "extend": "true"}
         if ttl is not None:
             fields["ttl"] = repr(float(ttl))
         doc = self._json(self._request("POST", "/lock/" + _quote_key(name), fields=fields))
         return bool(doc.get("acquired"))
 
-    def _lock_release(self, name: str, owner: str) -> bool:
+    def unlock(self, name: str, owner: str) -> bool:
         resp = self._request("DELETE", "/lock/" + _quote_key(name), fields={"owner": owner})
         return bool(self._json(resp).get("released"))
 
-    def _lock_force_release(self, name: str) -> bool:
+    def force_unlock(self, name: str) -> bool:
         resp = self._request("DELETE", "/lock/" + _quote_key(name), fields={"force": "true"})
         return bool(self._json(resp).get("released"))
 
-    def _lock_info(self, name: str, owner: str) -> dict[str, Any]:
-        return self._json(self._request("GET", "/lock/" + _quote_key(name),
-                                        fields={"owner": owner}))
+    def lock_state(self, name: str, owner: str) -> tuple[bool, bool]:
+        doc = self._json(self._request("GET", "/lock/" + _quote_key(name),
+                                       fields={"owner": owner}))
+        return bool(doc.get("locked")), bool(doc.get("owned"))
 
 
-class RemoteLock:
-    """A lock held on a node: an owner token, a fencing number, acquire/release/extend."""
-
-    def __init__(self, cache: RemoteCache, name: str, ttl: float | None,
-                 owner: str | None = None, *,
-                 blocking_timeout: float | None = DEFAULT_BLOCKING_TIMEOUT) -> None:
-        self._cache = cache
-        self.name = name
-        self.ttl = None if ttl is None else float(ttl)
-        self.owner = owner if owner is not None else uuid.uuid4().hex
-        self.blocking_timeout = blocking_timeout
-        self.fence: int | None = None
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
-        """Take the lock; with ``blocking``, wait up to ``timeout`` s (None: forever)."""
-        monotonic = self._cache._monotonic
-        deadline = None if timeout is None else monotonic() + timeout
-        delay = 0.002
-        while True:
-            acquired, fence = self._cache._lock_acquire(self.name, self.owner, self.ttl)
-            if acquired:
-                self.fence = fence
-                return True
-            if not blocking:
-                return False
-            if deadline is not None:
-                left = deadline - monotonic()
-                if left <= 0:
-                    return False
-                delay = min(delay, left)
-            self._cache._sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-    def release(self) -> bool:
-        """Release if this owner holds it; False if it is not ours (any more)."""
-        released = self._cache._lock_release(self.name, self.owner)
-        if released:
-            self.fence = None
-        return released
-
-    def force_release(self) -> bool:
-        """Release whoever holds it."""
-        self.fence = None
-        return self._cache._lock_force_release(self.name)
-
-    def extend(self, ttl: float | None = None) -> bool:
-        """Give a held lock a new ttl from now; False if this owner no longer holds it."""
-        if ttl is not None:
-            if not ttl > 0:
-                raise ValueError(f"lock ttl must be > 0 seconds or None, got {ttl}")
-            self.ttl = float(ttl)
-        return self._cache._lock_extend(self.name, self.owner, self.ttl)
-
-    def locked(self) -> bool:
-        """True if anyone holds the lock now."""
-        return bool(self._cache._lock_info(self.name, self.owner).get("locked"))
-
-    def owned(self) -> bool:
-        """True if this owner holds the lock now."""
-        return bool(self._cache._lock_info(self.name, self.owner).get("owned"))
-
-    def __enter__(self) -> RemoteLock:
-        if not self.acquire(blocking=True, timeout=self.blocking_timeout):
-            raise LockTimeout(
-                f"lock {self.name!r} not acquired within {self.blocking_timeout} s")
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if not self.release() and exc_type is None:
-            raise LockError(f"lock {self.name!r} expired or was taken before release "
-                            f"(ttl {self.ttl} s); the protected work may have overlapped")
-
-    def __repr__(self) -> str:
-        return f"<RemoteLock {self.name!r} owner={self.owner} fence={self.fence}>"
+class RemoteLock(Lock):
+    """A lock held on a node: the same object as a local Lock, its backend a RemoteCache."""
 
 
 __all__ = ["RemoteCache", "RemoteLock", "RequestRejected"]
