@@ -83,7 +83,8 @@ def settings_lines(settings: Settings) -> list[tuple[str, str]]:
     for field_name, names in ENV_VARS.items():
         value = getattr(settings, field_name)
         if field_name == "api_token":
-            text = "(default: changeme)" if value == "changeme" else "(set, hidden)"
+            text = ("(default: a node generates its own unless one is set)"
+                    if value in ("changeme", "") else "(set, hidden)")
         elif isinstance(value, tuple):
             text = ",".join(value)
         elif isinstance(value, bool):
