@@ -410,3 +410,22 @@ def test_pickle_of_a_value_is_stored_not_the_object(cache: Cache) -> None:
     value["a"].append(2)  # mutating the caller's object after set changes nothing
     assert cache.get("k") == {"a": [1]}
     assert pickle.loads(_snapshot(cache)[0][2]) == {"a": [1]}
+
+
+class Box:
+    """A hashable object that can change: it may sit in a frozenset or a tuple."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+@pytest.mark.parametrize("wrap", [lambda b: frozenset({b}), lambda b: (frozenset({b}),)],
+                         ids=["frozenset", "tuple-of-frozenset"])
+def test_mutating_an_object_inside_a_returned_frozenset_changes_nothing(
+        cache: Cache, wrap: Any) -> None:
+    cache.set("k", wrap(Box(1)))
+    first = cache.get("k")
+    box = next(iter(first if isinstance(first, frozenset) else first[0]))
+    box.value = 2
+    again = cache.get("k")
+    assert next(iter(again if isinstance(again, frozenset) else again[0])).value == 1

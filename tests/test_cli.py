@@ -87,6 +87,8 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(runner: CliRunner, tmp_p
     assert code == 2 and "not valid int" in out
     code, out = run(runner, "set", "-d", d, "k", "{", "--type", "json")
     assert code == 2 and "not valid json" in out
+    code, out = run(runner, "set", "-d", d, "k", "v", "--ttl", "nan")
+    assert code == 1 and "NaN" in out
     code, out = run(runner, "stats", "-d", d, env={"HYPERCACHEIO_SERVER_ROLE": "leader"})
     assert code == 1 and "HYPERCACHEIO_SERVER_ROLE" in out
     result = runner.invoke(main, ["clear", "-d", d], input="n\n")

@@ -59,6 +59,7 @@ def test_is_immutable() -> None:
     assert not is_immutable((1, [2]))
     assert not is_immutable({"a": 1})
     assert not is_immutable(bytearray(b"x"))
+    assert not is_immutable(frozenset({(1, object())}))  # hashable is not immutable
 
 
 def test_l1_serves_hits_without_the_store(cache_dir: str) -> None:

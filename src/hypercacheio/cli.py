@@ -160,7 +160,7 @@ def set_cmd(directory: str | None, key: str, value: str, ttl: float | None, kind
     cache = open_cache(load_settings(directory))
     try:
         cache.set(key, parsed, ttl=ttl)
-    except HypercacheioError as exc:
+    except (HypercacheioError, ValueError) as exc:  # ValueError: a NaN --ttl
         raise click.ClickException(str(exc)) from exc
     console.print(f"stored {key!r}")
 

@@ -79,14 +79,14 @@ class TokenTable:
 
 # Values that callers cannot mutate; L1 keeps them as they are. Others are kept encoded
 # and decoded on every hit, so that a caller mutating a returned object changes nothing.
-_IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None), frozenset})
+_IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
 def is_immutable(value: Any) -> bool:
     kind = type(value)
     if kind in _IMMUTABLE:
         return True
-    if kind is tuple:
+    if kind is tuple or kind is frozenset:  # hashable members may still be mutable objects
         return all(is_immutable(v) for v in value)
     return False
 

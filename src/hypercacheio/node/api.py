@@ -302,9 +302,12 @@ async def incr_value(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     key = _key(request)
     text = request.query.get("delta", "1").strip()
-    if not text.lstrip("+-").isdigit() or not text.isascii():
-        raise BadRequest(f"delta must be an integer, got {text[:40]!r}")
-    delta = int(text)
+    try:  # int() also refuses what isdigit() lets through: "+-5", 5,000 digits
+        if not text.lstrip("+-").isdigit() or not text.isascii():
+            raise ValueError
+        delta = int(text)
+    except ValueError:
+        raise BadRequest(f"delta must be an integer, got {text[:40]!r}") from None
     if not codec.INT64_MIN <= delta <= codec.INT64_MAX:
         raise BadRequest("delta must fit in 64 bits")
     ttl = _ttl(request)
