@@ -125,6 +125,7 @@ SQL_COUNT_LIVE = ("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries "
                   "WHERE tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
 SQL_PURGE = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
              "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?) RETURNING key")
+SQL_COUNT_LOCKS = "SELECT COUNT(*) FROM locks WHERE expire_at IS NULL OR expire_at > ?"
 SQL_PURGE_LOCKS = ("DELETE FROM locks WHERE name IN (SELECT name FROM locks "
                    "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?)")
 SQL_EVICT_OLDEST = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
@@ -151,6 +152,7 @@ NETWORK_FILESYSTEMS = frozenset({
     "fuse.vmhgfs-fuse", "fuse.rclone", "fuse.juicefs",
 })
 
+FORK_WAIT = 5.0  # seconds fork() waits for other threads to leave SQLite
 GC_EVERY = 512  # writes of one process between two amortized collections
 GC_BATCH = 256  # rows removed by one amortized collection
 SIZE_CHECK_EVERY = 64  # writes between two checks of max_bytes
@@ -169,12 +171,23 @@ _stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
 class _Connection(sqlite3.Connection):
-    """A connection a WeakSet can hold, so that ``_before_fork`` finds every open one."""
+    """A connection that ``_before_fork`` can find (a WeakSet holds it) and close safely.
 
-    __slots__ = ("__weakref__",)
+    ``busy`` counts the uses in progress (a thread inside SQLite with it); ``dead`` is set
+    by ``_before_fork`` when it means to close it. A user raises ``busy`` and then checks
+    ``dead``; the fork hook sets ``dead`` and then waits for ``busy`` to fall to 0. Under
+    the GIL one of the two always sees the other, so a connection is never closed while a
+    thread is inside SQLite with it (that crashes the process).
+    """
+
+    __slots__ = ("__weakref__", "busy", "dead")
+    busy: int
+    dead: bool
 
 
 _open: weakref.WeakSet[_Connection] = weakref.WeakSet()
+_forking = [False]  # set by _before_fork: connections wait before they open
+_opening = [0]  # connections being opened right now
 
 
 def _before_fork() -> None:
@@ -186,23 +199,39 @@ def _before_fork() -> None:
     of the child after that is lost to other processes. Fresh connections opened in a
     child of a parent with no open connection share nothing.
     """
+    deadline = time.monotonic() + FORK_WAIT
+    _forking[0] = True  # no thread opens a new connection until the fork is done
+    while _opening[0] and time.monotonic() < deadline:
+        time.sleep(0.001)
     for conn in list(_open):
+        conn.dead = True  # from now on its owner takes a fresh connection instead
+        while conn.busy and time.monotonic() < deadline:
+            time.sleep(0.001)  # lets another thread finish its statement or transaction
+        if conn.busy:
+            log.warning("fork(): a connection to %s still in use after %s s stays open; "
+                        "the child must not use hypercacheio", conn, FORK_WAIT)
+            continue
         try:
-            if not conn.in_transaction:  # a transaction of another thread: leave it alone
-                conn.close()
+            conn.close()
         except sqlite3.Error:  # already closed
             pass
     for store in list(_stores):
         store._local = threading.local()
 
 
+def _after_fork_in_parent() -> None:
+    _forking[0] = False
+
+
 def _after_fork_in_child() -> None:
+    _forking[0] = False
     _fork_generation[0] += 1
     for store in list(_stores):
         store._forget_connections()
 
 
-os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
@@ -269,10 +298,11 @@ class _Transaction:
 
     def __enter__(self) -> Txn:
         store = self.store
-        conn = self.conn = store.conn()
+        conn = self.conn = store._lease()  # busy until __exit__ gives it back
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
+            conn.busy -= 1
             raise StorageError(f"{store.path}: could not start a write within "
                                f"{store.busy_timeout} s ({exc})") from exc
         txn = self.txn = Txn(conn, store.hlc.now(), store.clock())
@@ -281,20 +311,23 @@ class _Transaction:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         conn = self.conn
-        if exc_type is not None:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return
-        store, txn = self.store, self.txn
         try:
-            if txn.inserted and store.max_entries is not None:
-                store._enforce_max_entries(txn)
-            store._publish(txn.changed, txn.everything)  # before COMMIT too: see _publish
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            if exc_type is not None:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                return
+            store, txn = self.store, self.txn
+            try:
+                if txn.inserted and store.max_entries is not None:
+                    store._enforce_max_entries(txn)
+                store._publish(txn.changed, txn.everything)  # before COMMIT too: see _publish
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            conn.busy -= 1
         store._finish(txn.changed, txn.everything)
 
 
@@ -396,25 +429,36 @@ class Store:
         finally:
             os.close(fd)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Connection:
+        while True:  # the same handshake as busy/dead, with _before_fork (see _Connection)
+            _opening[0] += 1
+            if not _forking[0]:
+                break
+            _opening[0] -= 1
+            time.sleep(0.001)
         try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
                                    isolation_level=None, check_same_thread=False,
                                    cached_statements=256, factory=_Connection)
+            conn.busy = 1
+            conn.dead = False
             _open.add(conn)
             for pragma in PRAGMAS_CONNECTION:
                 conn.execute(pragma)
+            conn.busy = 0
         except sqlite3.DatabaseError as exc:
             raise StorageError(
                 f"cannot open {self.path} ({exc}); check that the file is a hypercacheio "
                 "database and that this user may read and write it"
             ) from exc
+        finally:
+            _opening[0] -= 1
         return conn
 
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> _Connection:
         """This thread's connection in this process (opened on first use)."""
         local = self._local
-        conn = getattr(local, "conn", None)
+        conn: _Connection | None = getattr(local, "conn", None)
         if conn is None or local.gen != _fork_generation[0]:
             if conn is not None:
                 _INHERITED.append(conn)
@@ -422,6 +466,24 @@ class Store:
             local.conn = conn
             local.gen = _fork_generation[0]
         return conn
+
+    def _lease(self) -> _Connection:
+        """This thread's connection, marked busy; give it back with ``conn.busy -= 1``."""
+        while True:
+            conn = self.conn()
+            conn.busy += 1
+            if not conn.dead:
+                return conn
+            conn.busy -= 1  # the fork hook is closing it: drop it and open another
+            self._local.conn = None
+
+    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """One row of a read-only statement (the first row, or None)."""
+        conn = self._lease()
+        try:
+            return conn.execute(sql, params).fetchone()
+        finally:
+            conn.busy -= 1
 
     def _forget_connections(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -484,11 +546,18 @@ class Store:
 
     def get(self, key: str) -> Row | None:
         """The live row of a key, or None (missing, expired or deleted)."""
-        local = self._local  # conn() inlined: this is the L2 read path
+        local = self._local  # _lease() inlined: this is the L2 read path
         conn = getattr(local, "conn", None)
         if conn is None or local.gen != _fork_generation[0]:
             conn = self.conn()
-        row: Row | None = conn.execute(SQL_GET, (key,)).fetchone()
+        conn.busy += 1
+        try:
+            if conn.dead:
+                conn.busy -= 1
+                conn = self._lease()
+            row: Row | None = conn.execute(SQL_GET, (key,)).fetchone()
+        finally:
+            conn.busy -= 1
         if row is None or row[0] == TAG_TOMBSTONE:
             return None
         if row[2] is not None and row[2] <= self.clock():
@@ -498,17 +567,20 @@ class Store:
     def get_many(self, keys: Sequence[str]) -> dict[str, Row]:
         found: dict[str, Row] = {}
         now = self.clock()
-        conn = self.conn()
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            sql = SQL_GET_MANY.format(marks=",".join("?" * len(chunk)))
-            for key, tag, value, expire_at in conn.execute(sql, chunk):
-                if tag != TAG_TOMBSTONE and (expire_at is None or expire_at > now):
-                    found[key] = (tag, value, expire_at)
+        conn = self._lease()
+        try:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                sql = SQL_GET_MANY.format(marks=",".join("?" * len(chunk)))
+                for key, tag, value, expire_at in conn.execute(sql, chunk).fetchall():
+                    if tag != TAG_TOMBSTONE and (expire_at is None or expire_at > now):
+                        found[key] = (tag, value, expire_at)
+        finally:
+            conn.busy -= 1
         return found
 
     def node_meta(self, name: str) -> Any:
-        row = self.conn().execute(SQL_META_GET, (name,)).fetchone()
+        row = self._read_one(SQL_META_GET, (name,))
         return None if row is None else row[0]
 
     # ---- writes ---------------------------------------------------------------------
@@ -531,11 +603,14 @@ class Store:
         round trips (about 1.5 us, plus the transaction object, of a ~20 us write).
         """
         self._publish(changed)  # before the write too: see _publish
+        conn = self._lease()
         try:
-            cur = self.conn().execute(sql, params)
+            cur = conn.execute(sql, params)
         except sqlite3.OperationalError as exc:
             raise StorageError(f"{self.path}: could not write within "
                                f"{self.busy_timeout} s ({exc})") from exc
+        finally:
+            conn.busy -= 1
         self._finish(changed)
         return cur
 
@@ -669,7 +744,7 @@ class Store:
 
     def lock_info(self, name: str) -> tuple[str, float | None, int] | None:
         """(owner, expire_at, fence) of a held lock, or None if free or expired."""
-        row = self.conn().execute(SQL_LOCK_GET, (name,)).fetchone()
+        row = self._read_one(SQL_LOCK_GET, (name,))
         if row is None or (row[1] is not None and row[1] <= self.clock()):
             return None
         return row[0], row[1], int(row[2])
@@ -692,7 +767,7 @@ class Store:
     def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
             raise ValueError(f"unknown checkpoint mode {mode!r}")
-        row = self.conn().execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        row = self._read_one(f"PRAGMA wal_checkpoint({mode})")
         return int(row[0]), int(row[1]), int(row[2])
 
     def _collect_amortized(self) -> None:
@@ -709,7 +784,7 @@ class Store:
             log.warning("background collection in %s failed: %s", self.directory, exc)
 
     def used_bytes(self) -> int:
-        return int(self.conn().execute(SQL_PAGES).fetchone()[0]) * self._page_size
+        return int(self._read_one(SQL_PAGES)[0]) * self._page_size
 
     def enforce_max_bytes(self) -> int:
         """Evict (expired first, then oldest written) until under ``max_bytes``."""
@@ -752,10 +827,8 @@ class Store:
     # ---- introspection ----------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        conn = self.conn()
-        entries, value_bytes = conn.execute(SQL_COUNT_LIVE, (self.clock(),)).fetchone()
-        locks = conn.execute("SELECT COUNT(*) FROM locks WHERE expire_at IS NULL "
-                             "OR expire_at > ?", (self.clock(),)).fetchone()[0]
+        entries, value_bytes = self._read_one(SQL_COUNT_LIVE, (self.clock(),))
+        locks = self._read_one(SQL_COUNT_LOCKS, (self.clock(),))[0]
         return {
             "path": self.path,
             "node_id": self.node_id,
