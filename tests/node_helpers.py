@@ -140,9 +140,9 @@ class Node:
             conn.close()
 
     def json(self, method: str, path: str, body: bytes | None = None,
-             headers: Mapping[str, str] | None = None, token: str | None = TOKEN
-             ) -> tuple[int, Any]:
-        status, hdrs, data = self.request(method, path, body, headers, token)
+             headers: Mapping[str, str] | None = None, token: str | None = TOKEN,
+             timeout: float = 5.0) -> tuple[int, Any]:
+        status, hdrs, data = self.request(method, path, body, headers, token, timeout)
         assert hdrs.get("content-type", "").startswith("application/json"), (status, data)
         return status, json.loads(data)
 

@@ -347,3 +347,37 @@ def test_background_collection_removes_expired_entries_and_locks(tmp_path: Path)
         assert wait_until(collected, 10)
         entries, locks = snapshot(n.directory)
         assert [row[0] for row in entries] == ["long"] and locks == []
+
+
+# ---- another process holding SQLite's write lock --------------------------------------------
+
+def test_a_held_write_lock_does_not_stall_the_node(tmp_path: Path) -> None:
+    # An application process holding the write lock makes the node's writes wait; they
+    # wait on a worker thread, so the node keeps answering everything else meanwhile.
+    import threading
+
+    with Node(str(tmp_path)) as n:
+        assert n.json("POST", "/cache/before", b"1")[0] == 200
+        holder = sqlite3.connect(os.path.join(str(tmp_path), "hypercacheio.sqlite"),
+                                 isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as a long app transaction
+        results: dict[str, object] = {}
+
+        def write() -> None:
+            results["set"] = n.json("POST", "/cache/during", b"2", timeout=30)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            assert wait_until(lambda: b"waited_writes_total 1" in
+                              n.request("GET", "/metrics", timeout=2)[2], timeout=10)
+            # The write waits, and the node answers reads, pings and metrics meanwhile.
+            assert n.request("GET", "/cache/before", timeout=2)[2] == b"1"
+            assert n.request("GET", "/ping", timeout=2)[0] == 200
+            assert writer.is_alive() and "set" not in results
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        writer.join(30)
+        assert results["set"] == (200, {"stored": True, "expires_at": None})
+        assert n.request("GET", "/cache/during")[2] == b"2"

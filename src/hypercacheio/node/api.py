@@ -7,6 +7,7 @@ storage itself fails). The handlers move (tag, payload) pairs and never unpickle
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -15,7 +16,9 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -32,6 +35,7 @@ from .options import NodeOptions
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 JSON_TYPE = "application/json"
 STATS_MAX_AGE = 1.0  # seconds a stats() snapshot serves /ping and /metrics
@@ -60,6 +64,32 @@ class RateLimiter:
         return True
 
 
+def _is_busy(exc: BaseException) -> bool:
+    """True if SQLite refused because another connection holds the lock (nothing was done)."""
+    for e in (exc, exc.__cause__):
+        if isinstance(e, sqlite3.OperationalError) and (
+                "locked" in str(e) or "busy" in str(e)):
+            return True
+    return False
+
+
+async def store_call(state: NodeState, fn: Callable[..., T], *args: Any) -> T:
+    """Run a Store method without ever blocking the event loop on SQLite's lock.
+
+    The loop's own connection waits for no lock (busy_timeout 0, set at start-up), so the
+    call runs inline when SQLite answers at once, which is nearly always. When another
+    process holds the write lock it fails before doing anything, and runs again on a
+    worker thread whose connection waits as usual, while the loop serves other requests.
+    """
+    try:
+        return fn(*args)
+    except (StorageError, sqlite3.OperationalError) as exc:
+        if not _is_busy(exc):
+            raise
+    state.waited_writes += 1
+    return await asyncio.get_running_loop().run_in_executor(state.executor, partial(fn, *args))
+
+
 class NodeState:
     """What the handlers share: the store, the token, the limits and the counters."""
 
@@ -77,6 +107,9 @@ class NodeState:
         self.requests: dict[tuple[str, int], int] = {}
         self.auth_failures = 0
         self.rate_limited = 0
+        self.waited_writes = 0  # store calls that had to wait for another process's lock
+        self.executor = ThreadPoolExecutor(max_workers=2,
+                                           thread_name_prefix="hypercacheio-store")
         self.hits = 0
         self.misses = 0
         self.gc_runs = 0
@@ -218,7 +251,7 @@ async def get_value(request: web.Request) -> web.StreamResponse:
     if data is not None:
         slot = slot_of(key)
         token = state.tokens[slot]  # the token before the row: a later write changes it
-    row = state.store.get(key)
+    row = await store_call(state, state.store.get, key)
     if row is None:
         state.misses += 1
         if data is not None:
@@ -254,10 +287,10 @@ async def set_value(request: web.Request) -> web.StreamResponse:
     ttl = _ttl(request)
     tag, payload = await _value(request, state)
     if ttl is not None and ttl <= 0:  # as Cache.set: a ttl <= 0 removes the key
-        state.store.delete(key)
+        await store_call(state, state.store.delete, key)
         return ok({"stored": True, "expires_at": None})
     expire_at = _expire_at(state.store, ttl)
-    state.store.set(key, tag, payload, expire_at)
+    await store_call(state, state.store.set, key, tag, payload, expire_at)
     return ok({"stored": True, "expires_at": expire_at}, _expires_headers(expire_at))
 
 
@@ -269,19 +302,19 @@ async def add_value(request: web.Request) -> web.StreamResponse:
     if ttl is not None and ttl <= 0:
         return ok({"added": False, "expires_at": None})
     expire_at = _expire_at(state.store, ttl)
-    added = state.store.add(key, tag, payload, expire_at)
+    added = await store_call(state, state.store.add, key, tag, payload, expire_at)
     expire_at = expire_at if added else None
     return ok({"added": added, "expires_at": expire_at}, _expires_headers(expire_at))
 
 
 async def delete_value(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    return ok({"deleted": state.store.delete(_key(request))})
+    return ok({"deleted": await store_call(state, state.store.delete, _key(request))})
 
 
 async def clear_values(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    count = state.store.clear()
+    count = await store_call(state, state.store.clear)
     log.info("cache cleared through the API (%d rows)", count)
     return ok({"cleared": count})
 
@@ -291,9 +324,9 @@ async def touch_value(request: web.Request) -> web.StreamResponse:
     key = _key(request)
     ttl = _ttl(request)
     if ttl is not None and ttl <= 0:
-        return ok({"touched": state.store.delete(key), "expires_at": None})
+        return ok({"touched": await store_call(state, state.store.delete, key), "expires_at": None})
     expire_at = _expire_at(state.store, ttl)
-    touched = state.store.touch(key, expire_at)
+    touched = await store_call(state, state.store.touch, key, expire_at)
     expire_at = expire_at if touched else None
     return ok({"touched": touched, "expires_at": expire_at}, _expires_headers(expire_at))
 
@@ -314,7 +347,7 @@ async def incr_value(request: web.Request) -> web.StreamResponse:
     if ttl is not None and ttl <= 0:
         raise BadRequest("ttl for a new counter must be > 0 seconds")
     try:
-        value = state.store.incr(key, delta, _expire_at(state.store, ttl))
+        value = await store_call(state, state.store.incr, key, delta, _expire_at(state.store, ttl))
     except TypeError as exc:
         return error(409, "not_integer", str(exc))
     except OverflowError as exc:
@@ -344,12 +377,12 @@ async def acquire_lock(request: web.Request) -> web.StreamResponse:
         raise BadRequest("lock ttl must be > 0 seconds (or absent: held until released)")
     expire_at = _expire_at(state.store, ttl)
     if _flag(request, "extend"):
-        extended = state.store.lock_extend(name, owner, expire_at)
-        info = state.store.lock_info(name) if extended else None
+        extended = await store_call(state, state.store.lock_extend, name, owner, expire_at)
+        info = await store_call(state, state.store.lock_info, name) if extended else None
         return ok({"acquired": extended, "owner": owner,
                    "fence": info[2] if info else None,
                    "expires_at": expire_at if extended else None})
-    fence = state.store.lock_acquire(name, owner, expire_at)
+    fence = await store_call(state, state.store.lock_acquire, name, owner, expire_at)
     return ok({"acquired": fence is not None, "owner": owner, "fence": fence,
                "expires_at": expire_at if fence is not None else None})
 
@@ -358,19 +391,19 @@ async def release_lock(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     name = _key(request)
     if _flag(request, "force"):
-        return ok({"released": state.store.lock_force_release(name)})
+        return ok({"released": await store_call(state, state.store.lock_force_release, name)})
     owner = _owner(request, required=False)
     if owner is None:
         return ok({"released": False,
                    "reason": "give owner= (the token the lock was acquired with) or force=true"})
-    return ok({"released": state.store.lock_release(name, owner)})
+    return ok({"released": await store_call(state, state.store.lock_release, name, owner)})
 
 
 async def lock_status(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     name = _key(request)
     owner = _owner(request, required=False)
-    info = state.store.lock_info(name)
+    info = await store_call(state, state.store.lock_info, name)
     if info is None:
         return ok({"locked": False, "owned": False, "fence": None, "expires_at": None})
     held_by, expire_at, fence = info
@@ -417,6 +450,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     counters = [
         ("auth_failures_total", "Requests refused for a wrong token.", state.auth_failures),
         ("rate_limited_total", "Requests refused by the rate limit.", state.rate_limited),
+        ("waited_writes_total", "Store calls that waited off the event loop for another "
+         "process's write lock.", state.waited_writes),
         ("hits_total", "GETs that found a live value.", state.hits),
         ("misses_total", "GETs that found nothing.", state.misses),
         ("gc_runs_total", "Background collections run.", state.gc_runs),
@@ -535,4 +570,15 @@ def build_app(state: NodeState) -> web.Application:
     app[STATE] = state
     for method, path, handler, name in ROUTES:
         app.router.add_route(method, p.PREFIX + path, handler, name=name)
+    app.on_startup.append(_no_waiting_on_the_loop)
+    app.on_cleanup.append(_stop_executor)
     return app
+
+
+async def _no_waiting_on_the_loop(app: web.Application) -> None:
+    """The event loop's connection fails at once on a held lock (see ``store_call``)."""
+    app[STATE].store.conn().execute("PRAGMA busy_timeout = 0")
+
+
+async def _stop_executor(app: web.Application) -> None:
+    app[STATE].executor.shutdown(wait=True)
