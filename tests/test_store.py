@@ -119,8 +119,11 @@ def test_clustered_keeps_tombstones_and_oplog(cache_dir: str, clock: FakeClock) 
     assert ops == ["set", "delete", "set", "delete", "set", "set", "delete"]
     assert s.stats()["entries"] == 1
     clock.advance(TOMBSTONE_SECONDS + 1)
+    s.set("recent", TAG_STR, "x", None)
     assert s.purge_expired() == 1  # the tombstone of "p" goes after its window
-    assert _raw(s, "SELECT key FROM entries") == [("k",)]
+    assert _raw(s, "SELECT key FROM entries") == [("k",), ("recent",)]
+    # ... and so do the oplog rows older than the window; the recent one stays
+    assert _raw(s, "SELECT op, key FROM oplog") == [("set", "recent")]
 
 
 def test_standalone_writes_no_oplog(cache_dir: str) -> None:

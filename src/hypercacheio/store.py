@@ -125,6 +125,9 @@ SQL_COUNT_LIVE = ("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries "
                   "WHERE tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
 SQL_PURGE = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
              "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?) RETURNING key")
+# oplog rows older than the tombstone window (by HLC): a peer that far behind resyncs in full
+SQL_PURGE_OPLOG = ("DELETE FROM oplog WHERE seq IN (SELECT seq FROM oplog "
+                   "WHERE hlc < ? ORDER BY seq LIMIT ?)")
 SQL_COUNT_LOCKS = "SELECT COUNT(*) FROM locks WHERE expire_at IS NULL OR expire_at > ?"
 SQL_PURGE_LOCKS = ("DELETE FROM locks WHERE name IN (SELECT name FROM locks "
                    "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?)")
@@ -759,6 +762,9 @@ class Store:
             with self.transaction() as txn:
                 keys = [r[0] for r in txn.conn.execute(SQL_PURGE, (txn.now, batch))]
                 txn.conn.execute(SQL_PURGE_LOCKS, (txn.now, batch))
+                if self.clustered:  # the oplog keeps what a peer could still ask for
+                    oldest = int((txn.now - TOMBSTONE_SECONDS) * 1000) << 16
+                    txn.conn.execute(SQL_PURGE_OPLOG, (oldest, batch))
                 txn.changed.extend(keys)
             removed += len(keys)
             if len(keys) < batch or (limit is not None and removed >= limit):
