@@ -8,6 +8,7 @@ host and the other way round. Connections are kept alive in a pool (transport.py
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -34,9 +35,14 @@ class RequestRejected(HypercacheioError, ValueError):
         self.code = code
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_~-]+")  # what quote() leaves alone, dots aside
+
+
 def _quote_key(key: str) -> str:
     # Every reserved character is escaped, dots too, so that no key ('..', 'a/b') can be
     # read as a path segment to normalize.
+    if _PLAIN_KEY.fullmatch(key):
+        return key
     return quote(key, safe="").replace(".", "%2E")
 
 

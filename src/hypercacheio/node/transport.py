@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import threading
+import weakref
 from typing import Any, NamedTuple
 
 try:
@@ -31,6 +33,9 @@ except ImportError:  # pragma: no cover - the library works without it
 
 
 RECV_BYTES = 65536  # below malloc's mmap threshold: no map/unmap per read
+# Up to this size a request is sent with the kernel's per-call send timeout; a larger one
+# under Python's timeout, which bounds the whole sendall().
+KERNEL_TIMEOUT_SEND_MAX = 65536
 
 
 class TransportError(OSError):
@@ -68,6 +73,11 @@ def check_header_value(name: str, value: str) -> str:
     return value
 
 
+# The node answers with the same few header names: each decoded and lower-cased once.
+_HEADER_NAMES: dict[bytes, str] = {}
+HEADER_NAMES_MAX = 256
+
+
 class _Reader:
     """httptools callbacks collecting one response."""
 
@@ -81,7 +91,12 @@ class _Reader:
         self.parser: Any = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        key = _HEADER_NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_HEADER_NAMES) < HEADER_NAMES_MAX:
+                _HEADER_NAMES[name] = key
+        self.headers[key] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
@@ -90,6 +105,18 @@ class _Reader:
         self.done = True
         # llhttp answers keep-alive only until the parser moves past the message.
         self.keep_alive = self.parser.should_keep_alive()
+
+
+class _Conn:
+    """A kept-alive connection and its response parser, which llhttp resets after each
+    complete message, so that one serves every answer on the connection."""
+
+    __slots__ = ("sock", "reader", "parser")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = _Reader()
+        self.parser = self.reader.parser = httptools.HttpResponseParser(self.reader)
 
 
 class FastTransport:
@@ -103,10 +130,18 @@ class FastTransport:
         self.maxsize = maxsize
         host = target.host if ":" not in target.host else f"[{target.host}]"
         self._host_line = f"Host: {host}:{target.port}\r\n".encode("ascii")
-        self._idle: list[socket.socket] = []
+        self._idle: list[_Conn] = []
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self.connections_made = 0
+        # (headers, their items, encoded): one tuple, replaced whole (threads share it).
+        self._headers_cache: tuple[dict[str, str] | None, list[tuple[str, str]], bytes] = (
+            None, [], b"")
+        _TRANSPORTS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's sockets are not ours (nor is its lock's state)."""
+        self._idle = []
+        self._lock = threading.Lock()
 
     def _connect(self) -> socket.socket:
         t = self.target
@@ -123,56 +158,77 @@ class FastTransport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if t.tls is not None:
                 sock = t.tls.wrap_socket(sock, server_hostname=t.host)
+        if t.tls is None and self.timeout and self.timeout > 0:
+            _kernel_timeouts(sock, self.timeout)
         self.connections_made += 1
         return sock
 
-    def _checkout(self) -> tuple[socket.socket, bool]:
+    def _checkout(self) -> tuple[_Conn, bool]:
         """An idle connection (reused=True), or a new one.
 
         An idle connection the server has closed meanwhile shows up as an EOF before any
         byte of the answer; ``request`` then sends once more on a new connection.
         """
+        # A fork empties the pool in the child (``_after_fork``): no getpid() per request.
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
-                self._idle = []
-                self._pid = os.getpid()
             if self._idle:
                 return self._idle.pop(), True
-        return self._connect(), False
+        return _Conn(self._connect()), False
 
-    def _checkin(self, sock: socket.socket) -> None:
+    def _checkin(self, conn: _Conn) -> None:
         with self._lock:
-            if len(self._idle) < self.maxsize and self._pid == os.getpid():
-                self._idle.append(sock)
+            if len(self._idle) < self.maxsize:
+                self._idle.append(conn)
                 return
-        sock.close()
+        conn.sock.close()
+
+    def _header_lines(self, headers: dict[str, str]) -> bytes:
+        """The encoded header lines; those of the last headers seen are reused as they are."""
+        items = list(headers.items())
+        cached = self._headers_cache
+        if headers is cached[0] and items == cached[1]:
+            return cached[2]
+        block = b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in items)
+        self._headers_cache = (headers, items, block)
+        return block
 
     def request(self, method: str, target: str, headers: dict[str, str],
                 body: bytes | None = None) -> Response:
-        head = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), self._host_line]
-        for name, value in headers.items():
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        payload = f"{method} {target} HTTP/1.1\r\n".encode("latin-1") + self._host_line
+        if headers:
+            payload += self._header_lines(headers)
         if body is not None or method in ("POST", "PUT"):
-            head.append(f"Content-Length: {len(body or b'')}\r\n".encode("ascii"))
-        head.append(b"\r\n")
-        payload = b"".join(head) + (body or b"")
-        sock, reused = self._checkout()
+            payload += b"Content-Length: %d\r\n\r\n" % len(body or b"")
+            if body:
+                payload += body
+        else:
+            payload += b"\r\n"
+        conn, reused = self._checkout()
         try:
-            return self._exchange(sock, payload)
+            return self._exchange(conn, payload)
         except _StaleConnection:
             if not reused:
                 raise TransportError("the node closed the connection without answering") \
                     from None
             # The server closed an idle connection as we reused it, before it read our
             # request: nothing was done, so sending it once more on a new one is safe.
-            return self._exchange(self._connect(), payload)
+            return self._exchange(_Conn(self._connect()), payload)
 
-    def _exchange(self, sock: socket.socket, payload: bytes) -> Response:
-        reader = _Reader()
-        parser = reader.parser = httptools.HttpResponseParser(reader)
+    def _exchange(self, conn: _Conn, payload: bytes) -> Response:
+        sock, reader, parser = conn.sock, conn.reader, conn.parser
+        reader.headers = {}
+        reader.chunks = []
+        reader.done = False
         received = 0
         try:
-            sock.sendall(payload)
+            if len(payload) <= KERNEL_TIMEOUT_SEND_MAX or sock.gettimeout() is not None:
+                sock.sendall(payload)
+            else:
+                sock.settimeout(self.timeout)  # the whole sendall() within the timeout
+                try:
+                    sock.sendall(payload)
+                finally:
+                    sock.settimeout(None)
             while not reader.done:
                 data = sock.recv(RECV_BYTES)
                 if not data:
@@ -189,6 +245,8 @@ class FastTransport:
             if isinstance(exc, OSError) and received == 0 and isinstance(
                     exc, (ConnectionResetError, BrokenPipeError)):
                 raise _StaleConnection from exc
+            if isinstance(exc, BlockingIOError):  # SO_RCVTIMEO / SO_SNDTIMEO ran out
+                raise TimeoutError("timed out") from exc
             if isinstance(exc, OSError):
                 raise
             raise TransportError(f"the node sent a response that is not valid HTTP: {exc}") \
@@ -197,7 +255,7 @@ class FastTransport:
             sock.close()
             raise
         if reader.keep_alive:
-            self._checkin(sock)
+            self._checkin(conn)
         else:
             sock.close()
         body = reader.chunks[0] if len(reader.chunks) == 1 else b"".join(reader.chunks)
@@ -206,8 +264,38 @@ class FastTransport:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for sock in idle:
-            sock.close()
+        for conn in idle:
+            conn.sock.close()
+
+
+def _kernel_timeouts(sock: socket.socket, timeout: float) -> None:
+    """Blocking mode with the timeout kept by the kernel (SO_RCVTIMEO, SO_SNDTIMEO).
+
+    A socket in Python's timeout mode polls before every send and recv: two system calls
+    more per request than a blocking one whose reads and writes the kernel itself times out
+    (as EAGAIN, which ``_exchange`` reports as a timeout). Plain TCP and unix sockets only.
+    """
+    seconds = max(timeout, 0.001)  # 0 would mean: wait for ever
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    except OSError:  # not supported here: keep Python's timeout
+        return
+    sock.settimeout(None)
+
+
+_TRANSPORTS: weakref.WeakSet[FastTransport] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for transport in list(_TRANSPORTS):
+        transport._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class _StaleConnection(Exception):
