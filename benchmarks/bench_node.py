@@ -149,7 +149,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved latency slices")
     parser.add_argument("--wrk-seconds", type=int, default=3)
     parser.add_argument("--wrk-rounds", type=int, default=3)
+    parser.add_argument("--pin", action="store_true",
+                        help="servers (node, redis, bare route) on CPU 0, clients and wrk on "
+                             "CPU 1: every server gets the same placement (on 2 cores the "
+                             "scheduler's placement otherwise moves p50 by ~2x)")
     args = parser.parse_args()
+    server_cpu: Callable[[], None] | None = None
+    if args.pin:
+        if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+            parser.error("--pin needs Linux and at least 2 CPUs")
+
+        def server_cpu() -> None:
+            os.sched_setaffinity(0, {0})
 
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} CPUs)")
@@ -164,15 +175,18 @@ def main() -> int:
                    HYPERCACHEIO_NODE_SOCKET=sock_path,
                    HYPERCACHEIO_NODE_LOG_FILE=os.path.join(tmp, "node.log"))
         procs.append(subprocess.Popen([sys.executable, "-m", "hypercacheio.cli", "node", "run",
-                                       "--quiet"], env=env))
+                                       "--quiet"], env=env, preexec_fn=server_cpu))
         bare_port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port)]))
+        procs.append(subprocess.Popen([sys.executable, "-c", BARE_APP, str(bare_port)],
+                                      preexec_fn=server_cpu))
         redis_port = free_port()
         redis_bin = shutil.which("redis-server")
         if redis_bin:
             procs.append(subprocess.Popen([redis_bin, "--port", str(redis_port), "--save", "",
                                            "--appendonly", "no", "--bind", "127.0.0.1"],
-                                          stdout=subprocess.DEVNULL))
+                                          stdout=subprocess.DEVNULL, preexec_fn=server_cpu))
+        if args.pin:
+            os.sched_setaffinity(0, {1})  # this process (the clients) and wrk on CPU 1
         wait_port(port)
         wait_port(bare_port)
         url = f"http://127.0.0.1:{port}"
@@ -190,8 +204,9 @@ def main() -> int:
 
         ops = ["GET", "SET", "ADD", "INCR", "LOCK+UNLOCK"]
         columns = list(results)
+        placement = "servers on CPU 0, client on CPU 1" if args.pin else "unpinned"
         print(f"\nlatency, microseconds, p50 / p99 ({args.n} calls each in {args.rounds} "
-              "interleaved slices, one client, 127.0.0.1)")
+              f"interleaved slices, one client, 127.0.0.1, {placement})")
         print(f"{'op':<12}" + "".join(f"{c:>24}" for c in columns)
               + ("   tcp/redis p50" if "redis-py" in results else ""))
         for op in ops:
