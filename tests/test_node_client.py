@@ -316,6 +316,31 @@ def test_a_fresh_connection_closed_without_answer_is_node_unavailable() -> None:
         thread.join(5)
 
 
+def test_fast_transport_takes_its_answer_before_the_connection_is_reused(node: Node) -> None:
+    # An idle connection (and its parser) goes to the next request at once, from any
+    # thread: the answer must be out of it before it is put back, or a GET returns another
+    # request's value.
+    rc = node.client(transport="fast")
+    rc.set("mine", "A")
+    rc.set("theirs", "B")
+    transport = rc._transport
+    checkin = transport._checkin  # type: ignore[union-attr]
+    others: list[object] = []
+
+    def checkin_then_another_thread(conn: object) -> None:
+        checkin(conn)
+        if not others:  # another thread takes the idle connection before we read on
+            others.append(None)
+            others[0] = transport.request("GET", rc.base_path + "/cache/theirs", rc._headers)
+
+    transport._checkin = checkin_then_another_thread  # type: ignore[union-attr]
+    try:
+        assert rc.get("mine") == "A"
+        assert others[0].body == b"B"  # type: ignore[attr-defined]
+    finally:
+        rc.close()
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,15 @@ import pytest
 from conftest import FakeClock
 from hypercacheio import Cache, StorageError
 from hypercacheio.codec import TAG_INT, TAG_STR, TAG_TOMBSTONE
-from hypercacheio.store import DB_NAME, SCHEMA_VERSION, TOMBSTONE_SECONDS, Store, filesystem_type
+from hypercacheio.store import (
+    DB_NAME,
+    GC_BATCH,
+    SCHEMA_VERSION,
+    SIZE_CHECK_EVERY,
+    TOMBSTONE_SECONDS,
+    Store,
+    filesystem_type,
+)
 
 
 def _raw(store: Store, sql: str, *args: object) -> list[tuple[object, ...]]:
@@ -363,3 +372,77 @@ def test_wal_stays_bounded_under_steady_writes(tmp_path: Path) -> None:
             assert reader.get(f"k{i % 500}") is not None
             largest = max(largest, os.path.getsize(s.path + "-wal"))
     assert largest < 8 * 1024 * 1024, largest
+
+
+def test_collection_trims_every_oplog_row_past_the_window(cache_dir: str,
+                                                          clock: FakeClock) -> None:
+    # More old oplog rows than one batch (and few expired entries): an unbounded collection
+    # takes them all, or a store written faster than one batch per round grows its oplog.
+    s = Store(cache_dir, clustered=True, clock=clock)
+    s.set_many([(f"k{i}", TAG_INT, i, None) for i in range(2 * GC_BATCH + 10)])
+    clock.advance(TOMBSTONE_SECONDS + 1)
+    s.set("recent", TAG_STR, "x", None)
+    assert s.purge_expired() == 0
+    assert _raw(s, "SELECT op, key FROM oplog") == [("set", "recent")]
+
+
+def test_a_size_check_meeting_a_held_lock_does_not_fail_the_committed_write(
+        cache_dir: str) -> None:
+    # The node's event-loop connection waits for no lock and runs a write that failed
+    # "locked" again on a thread: a write that raises must not have committed, so the
+    # max_bytes check after the COMMIT must not fail it (the incr was applied twice).
+    s = Store(cache_dir, max_bytes=1, busy_timeout=0.0)
+    holder = sqlite3.connect(s.path, isolation_level=None, check_same_thread=False)
+    publish = s.tokens.publish
+    published: list[object] = []
+
+    def publish_then_lock(keys: Iterable[str]) -> None:
+        publish(keys)
+        published.append(keys)
+        if len(published) == 2:  # the publish after the COMMIT: another process writes
+            holder.execute("BEGIN IMMEDIATE")
+
+    s.tokens.publish = publish_then_lock  # type: ignore[method-assign]
+    s._writes = SIZE_CHECK_EVERY - 1  # this write ends with the size check
+    try:
+        assert s.incr("n", 1, None) == 1
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+    assert s.get("n") == (TAG_INT, 1, None)
+
+
+def test_a_read_that_cannot_reconnect_leaves_no_connection_busy(
+        cache_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Store(cache_dir)
+    old = s.conn()
+    old.dead = True  # as _before_fork marks the connection it is about to close
+
+    def refuse() -> None:
+        raise StorageError("cannot open")
+
+    monkeypatch.setattr(s, "_connect", refuse)
+    with pytest.raises(StorageError):
+        s.get("k")
+    assert old.busy == 0  # a fork() would otherwise wait for it, then leave it open
+
+
+def test_a_transaction_that_fails_to_start_gives_its_connection_back(cache_dir: str) -> None:
+    # Whatever fails between BEGIN and the start of the work (here the clock) leaves no
+    # transaction open and the connection not busy (every later fork() would wait for it).
+    broken = [False]
+
+    def clock() -> float:
+        if broken[0]:
+            raise RuntimeError("clock failed")
+        return 1_800_000_000.0
+
+    s = Store(cache_dir, clock=clock)
+    broken[0] = True
+    with pytest.raises(RuntimeError):
+        s.delete("k")
+    broken[0] = False
+    conn = s.conn()
+    assert conn.busy == 0 and not conn.in_transaction
+    assert s.delete("k") is False

@@ -304,11 +304,17 @@ class _Transaction:
         conn = self.conn = store._lease()  # busy until __exit__ gives it back
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            conn.busy -= 1
-            raise StorageError(f"{store.path}: could not start a write within "
-                               f"{store.busy_timeout} s ({exc})") from exc
-        txn = self.txn = Txn(conn, store.hlc.now(), store.clock())
+            txn = self.txn = Txn(conn, store.hlc.now(), store.clock())
+        except BaseException as exc:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                conn.busy -= 1
+            if isinstance(exc, sqlite3.OperationalError):
+                raise StorageError(f"{store.path}: could not start a write within "
+                                   f"{store.busy_timeout} s ({exc})") from exc
+            raise
         return txn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -533,7 +539,12 @@ class Store:
         if self._writes % GC_EVERY == 0:
             self._collect_amortized()
         elif self.max_bytes is not None and self._writes % SIZE_CHECK_EVERY == 0:
-            self.enforce_max_bytes()
+            # The write is committed: a failure now must not look like a failed write (the
+            # node would run it again), so it is logged as the amortized collection's is.
+            try:
+                self.enforce_max_bytes()
+            except (sqlite3.Error, StorageError) as exc:
+                log.warning("size check in %s failed: %s", self.directory, exc)
 
     def record(self, txn: Txn, op: str, key: str | None, tag: int | None = None,
                value: Any = None, expire_at: float | None = None) -> None:
@@ -554,10 +565,10 @@ class Store:
         if conn is None or local.gen != _fork_generation[0]:
             conn = self.conn()
         conn.busy += 1
+        if conn.dead:
+            conn.busy -= 1
+            conn = self._lease()
         try:
-            if conn.dead:
-                conn.busy -= 1
-                conn = self._lease()
             row: Row | None = conn.execute(SQL_GET, (key,)).fetchone()
         finally:
             conn.busy -= 1
@@ -762,12 +773,16 @@ class Store:
             with self.transaction() as txn:
                 keys = [r[0] for r in txn.conn.execute(SQL_PURGE, (txn.now, batch))]
                 txn.conn.execute(SQL_PURGE_LOCKS, (txn.now, batch))
+                trimmed = 0
                 if self.clustered:  # the oplog keeps what a peer could still ask for
                     oldest = int((txn.now - TOMBSTONE_SECONDS) * 1000) << 16
-                    txn.conn.execute(SQL_PURGE_OPLOG, (oldest, batch))
+                    trimmed = txn.conn.execute(SQL_PURGE_OPLOG, (oldest, batch)).rowcount
                 txn.changed.extend(keys)
             removed += len(keys)
-            if len(keys) < batch or (limit is not None and removed >= limit):
+            # An unbounded round also takes the whole old oplog: one batch a round would
+            # fall behind a store that writes more than a batch between two rounds.
+            more_oplog = limit is None and trimmed >= batch
+            if (len(keys) < batch and not more_oplog) or (limit is not None and removed >= limit):
                 return removed
 
     def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:

@@ -254,12 +254,14 @@ class FastTransport:
         except BaseException:
             sock.close()
             raise
+        # The answer first: once checked in, another thread may reuse the reader and parser.
+        body = reader.chunks[0] if len(reader.chunks) == 1 else b"".join(reader.chunks)
+        response = Response(parser.get_status_code(), reader.headers, body)
         if reader.keep_alive:
             self._checkin(conn)
         else:
             sock.close()
-        body = reader.chunks[0] if len(reader.chunks) == 1 else b"".join(reader.chunks)
-        return Response(parser.get_status_code(), reader.headers, body)
+        return response
 
     def close(self) -> None:
         with self._lock:
