@@ -446,3 +446,18 @@ def test_a_transaction_that_fails_to_start_gives_its_connection_back(cache_dir: 
     conn = s.conn()
     assert conn.busy == 0 and not conn.in_transaction
     assert s.delete("k") is False
+
+
+def test_thread_busy_timeout_survives_a_reopened_connection(cache_dir: str) -> None:
+    # The node's event loop must never wait for another process's lock, even after its
+    # connection was replaced (a fork closes every connection; the thread reopens).
+    s = Store(cache_dir)
+    s.set_thread_busy_timeout(0)
+    assert s.conn().execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    from hypercacheio.store import _after_fork_in_parent, _before_fork  # what fork() runs
+
+    _before_fork()
+    _after_fork_in_parent()
+    assert s.conn().execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    other = Store(cache_dir)  # other threads and stores keep the configured wait
+    assert other.conn().execute("PRAGMA busy_timeout").fetchone()[0] == 60_000

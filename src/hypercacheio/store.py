@@ -191,6 +191,7 @@ class _Connection(sqlite3.Connection):
 _open: weakref.WeakSet[_Connection] = weakref.WeakSet()
 _forking = [False]  # set by _before_fork: connections wait before they open
 _opening = [0]  # connections being opened right now
+_opening_mutex = threading.Lock()
 
 
 def _before_fork() -> None:
@@ -366,6 +367,7 @@ class Store:
         self.clock = clock
         self.hlc = HLC(clock)
         self._local = threading.local()
+        self._thread_busy_timeout: dict[int, float] = {}
         self._writes = 0
         self._page_size = 4096
         self._prepare_directory(allow_network_fs, mountinfo)
@@ -440,13 +442,16 @@ class Store:
 
     def _connect(self) -> _Connection:
         while True:  # the same handshake as busy/dead, with _before_fork (see _Connection)
-            _opening[0] += 1
+            with _opening_mutex:  # connecting is rare: a lock makes the count exact anywhere
+                _opening[0] += 1
             if not _forking[0]:
                 break
-            _opening[0] -= 1
+            with _opening_mutex:
+                _opening[0] -= 1
             time.sleep(0.001)
+        timeout = self._thread_busy_timeout.get(threading.get_ident(), self.busy_timeout)
         try:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
+            conn = sqlite3.connect(self.path, timeout=timeout,
                                    isolation_level=None, check_same_thread=False,
                                    cached_statements=256, factory=_Connection)
             conn.busy = 1
@@ -461,8 +466,15 @@ class Store:
                 "database and that this user may read and write it"
             ) from exc
         finally:
-            _opening[0] -= 1
+            with _opening_mutex:
+                _opening[0] -= 1
         return conn
+
+    def set_thread_busy_timeout(self, seconds: float) -> None:
+        """How long this thread's connections (this one and any reopened later) wait for
+        another connection's lock; the node's event loop sets 0 so it never waits."""
+        self._thread_busy_timeout[threading.get_ident()] = seconds
+        self.conn().execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
     def conn(self) -> _Connection:
         """This thread's connection in this process (opened on first use)."""

@@ -658,7 +658,7 @@ def build_app(state: NodeState) -> web.Application:
 
 async def _no_waiting_on_the_loop(app: web.Application) -> None:
     """The event loop's connection fails at once on a held lock (see ``store_call``)."""
-    app[STATE].store.conn().execute("PRAGMA busy_timeout = 0")
+    app[STATE].store.set_thread_busy_timeout(0)
 
 
 async def _stop_executor(app: web.Application) -> None:
