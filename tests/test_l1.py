@@ -174,7 +174,7 @@ def test_writer_killed_between_commit_and_publish_still_invalidates(
     assert reader.get("k") == "old"  # an L1 hit now
     died = RuntimeError("killed after COMMIT")
 
-    def die(changed: list[str], everything: bool = False) -> None:
+    def die(changed: list[str], everything: bool = False, slots: object = None) -> None:
         raise died
 
     writer.store._finish = die  # type: ignore[method-assign]

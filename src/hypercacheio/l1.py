@@ -58,12 +58,18 @@ class TokenTable:
         # A memoryview of unsigned 64-bit ints: reading ``tokens[slot]`` costs ~40 ns.
         self.tokens = memoryview(self._mm).cast("Q")
 
-    def publish(self, keys: Iterable[str]) -> None:
-        """Give each key's slot a fresh token (call after the commit)."""
+    def publish(self, keys: Iterable[str]) -> list[int]:
+        """Give each key's slot a fresh token; returns the slots (for ``publish_slots``)."""
+        slots = [slot_of(key) for key in keys]
+        self.publish_slots(slots)
+        return slots
+
+    def publish_slots(self, slots: list[int]) -> None:
+        """Give each slot a fresh token."""
         tokens = self.tokens
         draw = _rng.getrandbits
-        for key in keys:
-            tokens[slot_of(key)] = draw(64)
+        for slot in slots:
+            tokens[slot] = draw(64)
 
     def publish_all(self) -> None:
         """Invalidate every slot (after ``clear`` or a bulk change)."""

@@ -330,7 +330,7 @@ class _Transaction:
             try:
                 if txn.inserted and store.max_entries is not None:
                     store._enforce_max_entries(txn)
-                store._publish(txn.changed, txn.everything)  # before COMMIT too: see _publish
+                slots = store._publish(txn.changed, txn.everything)  # before COMMIT too
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -338,7 +338,7 @@ class _Transaction:
                 raise
         finally:
             conn.busy -= 1
-        store._finish(txn.changed, txn.everything)
+        store._finish(txn.changed, txn.everything, slots)
 
 
 class Store:
@@ -532,21 +532,27 @@ class Store:
         """
         return _Transaction(self)
 
-    def _publish(self, changed: list[str], everything: bool = False) -> None:
+    def _publish(self, changed: list[str], everything: bool = False,
+                 slots: list[int] | None = None) -> list[int] | None:
         """Fresh L1 tokens for the changed keys (every slot for ``everything``).
 
         Called after the COMMIT (a reader that saw the old token must refetch) and also
         just before it: a writer killed between its COMMIT and the second publish has
         then still invalidated every L1 entry that other processes filled before.
+        The slots computed the first time are given back to spare the second the hashing.
         """
         if everything:
             self.tokens.publish_all()
+        elif slots is not None:
+            self.tokens.publish_slots(slots)
         elif changed:
-            self.tokens.publish(changed)
+            return self.tokens.publish(changed)
+        return slots
 
-    def _finish(self, changed: list[str], everything: bool = False) -> None:
+    def _finish(self, changed: list[str], everything: bool = False,
+                slots: list[int] | None = None) -> None:
         """After a COMMIT: publish the new tokens, then the amortized upkeep."""
-        self._publish(changed, everything)
+        self._publish(changed, everything, slots)
         self._writes += 1
         if self._writes % GC_EVERY == 0:
             self._collect_amortized()
@@ -628,8 +634,15 @@ class Store:
         does and reads nothing before, so no stale snapshot. It skips the BEGIN and COMMIT
         round trips (about 1.5 us, plus the transaction object, of a ~20 us write).
         """
-        self._publish(changed)  # before the write too: see _publish
-        conn = self._lease()
+        slots = self._publish(changed)  # before the write too: see _publish
+        local = self._local  # _lease() inlined: this is the set path
+        conn = getattr(local, "conn", None)
+        if conn is None or local.gen != _fork_generation[0]:
+            conn = self.conn()
+        conn.busy += 1
+        if conn.dead:
+            conn.busy -= 1
+            conn = self._lease()
         try:
             cur = conn.execute(sql, params)
         except sqlite3.OperationalError as exc:
@@ -637,7 +650,7 @@ class Store:
                                f"{self.busy_timeout} s ({exc})") from exc
         finally:
             conn.busy -= 1
-        self._finish(changed)
+        self._finish(changed, False, slots)
         return cur
 
     def set_many(self, items: Iterable[tuple[str, int, Payload, float | None]]) -> None:
