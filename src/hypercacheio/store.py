@@ -579,8 +579,11 @@ class Store:
     def get(self, key: str) -> Row | None:
         """The live row of a key, or None (missing, expired or deleted)."""
         local = self._local  # _lease() inlined: this is the L2 read path
-        conn = getattr(local, "conn", None)
-        if conn is None or local.gen != _fork_generation[0]:
+        try:
+            conn = local.conn
+            if conn is None or local.gen != _fork_generation[0]:
+                conn = self.conn()
+        except AttributeError:  # this thread's first use
             conn = self.conn()
         conn.busy += 1
         if conn.dead:
