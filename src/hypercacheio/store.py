@@ -409,7 +409,7 @@ class Store:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            conn = self._connect()
+            conn = self._connect(keep_busy=True)  # busy: a fork now waits for it
             try:
                 for pragma in PRAGMAS_DATABASE:
                     mode = conn.execute(pragma).fetchone()
@@ -436,11 +436,13 @@ class Store:
                     "if it is corrupt or not a database, move it away and start again"
                 ) from exc
             finally:
+                conn.busy -= 1
                 conn.close()
         finally:
             os.close(fd)
 
-    def _connect(self) -> _Connection:
+    def _connect(self, keep_busy: bool = False) -> _Connection:
+        """A new connection with the per-connection pragmas (``busy`` left at 1 if asked)."""
         while True:  # the same handshake as busy/dead, with _before_fork (see _Connection)
             with _opening_mutex:  # connecting is rare: a lock makes the count exact anywhere
                 _opening[0] += 1
@@ -459,7 +461,7 @@ class Store:
             _open.add(conn)
             for pragma in PRAGMAS_CONNECTION:
                 conn.execute(pragma)
-            conn.busy = 0
+            conn.busy = 1 if keep_busy else 0
         except sqlite3.DatabaseError as exc:
             raise StorageError(
                 f"cannot open {self.path} ({exc}); check that the file is a hypercacheio "
@@ -516,10 +518,14 @@ class Store:
         """Close this thread's connection (others close when their threads end)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.gen == _fork_generation[0]:
+            conn.busy += 1  # a fork in another thread waits for the PRAGMA (see _Connection)
             try:
-                conn.execute("PRAGMA optimize")
+                if not conn.dead:
+                    conn.execute("PRAGMA optimize")
             except sqlite3.Error:
                 pass
+            finally:
+                conn.busy -= 1
             conn.close()
         self._local.conn = None
 
