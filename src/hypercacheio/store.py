@@ -644,14 +644,7 @@ class Store:
         round trips (about 1.5 us, plus the transaction object, of a ~20 us write).
         """
         slots = self._publish(changed)  # before the write too: see _publish
-        local = self._local  # _lease() inlined: this is the set path
-        conn = getattr(local, "conn", None)
-        if conn is None or local.gen != _fork_generation[0]:
-            conn = self.conn()
-        conn.busy += 1
-        if conn.dead:
-            conn.busy -= 1
-            conn = self._lease()
+        conn = self._lease()
         try:
             cur = conn.execute(sql, params)
         except sqlite3.OperationalError as exc:
