@@ -23,6 +23,20 @@ class StorageError(HypercacheioError, OSError):
     """The storage directory or database cannot be used (path, permissions, file system)."""
 
 
+class StorageFullError(StorageError):
+    """The file system holding the store is full (or over quota): every write fails at once,
+    reads go on, and writes work again as soon as space is freed."""
+
+
+class StorageCorruptError(StorageError):
+    """The database file is damaged or is not a hypercacheio database."""
+
+
+class StorageReadOnlyError(StorageError):
+    """The database (or its directory, ``-wal`` or ``-shm`` file) cannot be written by this
+    process: read-only mount, or files owned by another user."""
+
+
 class LockError(HypercacheioError, RuntimeError):
     """A lock operation failed."""
 
@@ -37,3 +51,12 @@ class NodeUnavailable(HypercacheioError, ConnectionError):
 
 class AuthError(HypercacheioError, PermissionError):
     """A node refused the API token."""
+
+
+class RequestRejected(HypercacheioError, ValueError):
+    """The node refused a request as malformed or too large (a 4xx other than 401)."""
+
+    def __init__(self, status: int, message: str, code: str = "") -> None:
+        super().__init__(f"node answered {status}: {message}")
+        self.status = status
+        self.code = code

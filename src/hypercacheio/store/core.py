@@ -1,0 +1,450 @@
+"""The Store: opening a database, reads, and the one write path.
+
+Every mutation goes through ``Store.transaction``: BEGIN IMMEDIATE, the change, a version
+from the database clock (``clock.py``), the oplog row when the store is clustered, COMMIT,
+then fresh L1 tokens for the changed keys (``Store._finish``). The one shortcut, a single
+blind ``set`` of a store that is not clustered, is one autocommit statement that stamps
+its own version (SQLite's own transaction) and then the same ``_finish``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from ..codec import INT64_MAX, INT64_MIN, TAG_INT, TAG_TOMBSTONE, Payload, payload_size
+from ..errors import StorageCorruptError, StorageError
+from ..l1 import TokenTable
+from . import upkeep
+from .clock import CLOCK_NAME, SQL_OBSERVE, SQL_PUT_STAMPED, DatabaseClock
+from .connections import ConnectionOwner, _Connection, _fork_generation
+from .diagnose import storage_error
+from .fs import file_size, prepare_directory
+from .opening import initialize
+from .schema import (
+    DB_NAME,
+    SQL_ADD,
+    SQL_CLEAR,
+    SQL_COUNT_LIVE,
+    SQL_COUNT_LOCKS,
+    SQL_DELETE,
+    SQL_FENCE_IF_FREE,
+    SQL_GET,
+    SQL_INCR,
+    SQL_LOCK_EXTEND,
+    SQL_LOCK_FORCE,
+    SQL_LOCK_GET,
+    SQL_LOCK_PUT,
+    SQL_LOCK_RELEASE,
+    SQL_META_GET,
+    SQL_META_SET,
+    SQL_OPLOG,
+    SQL_PAGES,
+    SQL_PUT,
+    SQL_TOMBSTONE,
+    SQL_TOUCH,
+    TOKENS_NAME,
+)
+from .upkeep import GC_EVERY, SIZE_CHECK_EVERY, TOMBSTONE_SECONDS
+from .writes import Txn, _Transaction
+
+log = logging.getLogger("hypercacheio.store")
+
+Row = tuple[int, Any, "float | None"]  # (tag, payload, expire_at)
+
+
+class Store(ConnectionOwner):
+    """SQLite storage of (tag, payload, expiry) rows, locks and the oplog.
+
+    ``clustered=True`` marks the database clustered (see ``mark_clustered``); False, the
+    default, leaves the database's flag as it is.
+    """
+
+    node_id: str  # this database's id (``meta``), stamped on every row it writes
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        busy_timeout: float = 60.0,
+        max_bytes: int | None = None,
+        max_entries: int | None = None,
+        cull_frequency: int = 3,
+        clustered: bool = False,
+        allow_network_fs: bool = False,
+        clock: Callable[[], float] = time.time,
+        mountinfo: str = "/proc/self/mountinfo",
+    ) -> None:
+        super().__init__()
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+        self.path = os.path.join(self.directory, DB_NAME)
+        self.busy_timeout = busy_timeout
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.cull_frequency = cull_frequency
+        self.clustered = False  # the database's flag as last read; every write refreshes it
+        self.clock = clock
+        self._writes = 0
+        self._page_size = 4096
+        self._corrupt_reads = 0
+        self._flag_generation = -1  # of the clock file when ``clustered`` was last read
+        prepare_directory(self.directory, allow_network_fs, mountinfo)
+        clock_path = os.path.join(self.directory, CLOCK_NAME)
+        try:
+            self._clock = DatabaseClock(clock_path)
+        except OSError as exc:
+            raise storage_error(exc, clock_path, "open the clock file", busy_timeout) from exc
+        initialize(self, clustered)
+        try:
+            self.tokens = TokenTable(os.path.join(self.directory, TOKENS_NAME))
+        except OSError as exc:
+            raise storage_error(exc, os.path.join(self.directory, TOKENS_NAME),
+                                "open the L1 token file", busy_timeout) from exc
+
+    def _connect(self, keep_busy: bool = False) -> _Connection:
+        conn = super()._connect(keep_busy)
+        conn.create_function("hcio_hlc", 1, self._clock.next_from_wall)
+        return conn
+
+    # ---- the one write path ----------------------------------------------------------
+
+    def transaction(self) -> _Transaction:
+        """BEGIN IMMEDIATE … COMMIT, then new L1 tokens for every changed key.
+
+        Use as ``with store.transaction() as txn:``; an exception rolls everything back.
+        """
+        return _Transaction(self)
+
+    def _publish(self, changed: list[str], everything: bool = False,
+                 slots: list[int] | None = None) -> list[int] | None:
+        """Fresh L1 tokens for the changed keys (every slot for ``everything``).
+
+        Called after the COMMIT (a reader that saw the old token must refetch) and also
+        just before it: a writer killed between its COMMIT and the second publish has
+        then still invalidated every L1 entry that other processes filled before.
+        The slots computed the first time are given back to spare the second the hashing.
+        """
+        if everything:
+            self.tokens.publish_all()
+        elif slots is not None:
+            self.tokens.publish_slots(slots)
+        elif changed:
+            return self.tokens.publish(changed)
+        return slots
+
+    def _finish(self, changed: list[str], everything: bool = False,
+                slots: list[int] | None = None) -> None:
+        """After a COMMIT: publish the new tokens, then the amortized upkeep."""
+        self._publish(changed, everything, slots)
+        self._writes += 1
+        if self._writes % GC_EVERY == 0:
+            upkeep.collect_amortized(self)
+        elif self.max_bytes is not None and self._writes % SIZE_CHECK_EVERY == 0:
+            # The write is committed: a failure now must not look like a failed write (the
+            # node would run it again), so it is logged as the amortized collection's is.
+            try:
+                upkeep.enforce_max_bytes(self)
+            except StorageError as exc:
+                log.warning("size check in %s failed: %s", self.directory, exc)
+
+    def _write_one(self, sql: str, params: Sequence[Any], changed: list[str],
+                   doing: str = "write") -> sqlite3.Cursor:
+        """The one-statement door of the write path: autocommit, then ``_finish``.
+
+        For one write statement that needs no oplog row: it is its own transaction, and a
+        fresh write statement retries on busy as BEGIN IMMEDIATE does and reads nothing
+        before it, so it sees no stale snapshot.
+        """
+        slots = self._publish(changed)  # before the write too: see _publish
+        conn = self._lease()
+        try:
+            cur = conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path, doing, self.busy_timeout) from exc
+        finally:
+            conn.busy -= 1
+        self._finish(changed, False, slots)
+        return cur
+
+    def record(self, txn: Txn, op: str, key: str | None, tag: int | None = None,
+               value: Any = None, expire_at: float | None = None) -> None:
+        """Note a change: its key gets a new L1 token; clustered stores log it too."""
+        if key is None:
+            txn.everything = True
+        else:
+            txn.changed.append(key)
+        if txn.clustered:
+            txn.conn.execute(SQL_OPLOG, (op, key, tag, value, expire_at, txn.hlc, self.node_id))
+
+    # ---- the clock and the clustered flag --------------------------------------------
+
+    def last_hlc(self) -> int:
+        """The last version this database handed out (or observed from a peer)."""
+        return self._clock.last()
+
+    def observe(self, remote_hlc: int) -> None:
+        """Move the database clock to a peer's version if it is ahead: later writes stamp
+        beyond it."""
+        with self.transaction() as txn:
+            self._clock.observe(remote_hlc)
+            txn.conn.execute(SQL_OBSERVE, (remote_hlc, remote_hlc))  # survives a reboot
+
+    def mark_clustered(self, clustered: bool = True) -> None:
+        """Record in the database whether it is clustered: every process writing it then
+        keeps tombstones and oplog rows (or stops, with False)."""
+        with self.transaction() as txn:
+            txn.conn.execute(SQL_META_SET, (int(clustered), "clustered"))
+            self._clock.bump_generation()  # under the write lock: others read the flag again
+        self.clustered = clustered
+
+    def _clustered_now(self, conn: sqlite3.Connection) -> bool:
+        """Inside a write transaction: the database's flag (read again only if it changed)."""
+        generation = self._clock.generation
+        if generation != self._flag_generation:
+            row = conn.execute(SQL_META_GET, ("clustered",)).fetchone()
+            self.clustered = bool(row and row[0])
+            self._flag_generation = generation
+        return self.clustered
+
+    # ---- reads ----------------------------------------------------------------------
+
+    def get(self, key: str) -> Row | None:
+        """The live row of a key, or None (missing, expired, deleted, or a damaged page)."""
+        local = self._local  # _lease() inlined: this is the L2 read path
+        try:
+            conn = local.conn
+            if conn is None or local.gen != _fork_generation[0]:
+                conn = self.conn()
+        except AttributeError:  # this thread's first use
+            conn = self.conn()
+        conn.busy += 1
+        if conn.dead:
+            conn.busy -= 1
+            conn = self._lease()
+        try:
+            row: Row | None = conn.execute(SQL_GET, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            error = storage_error(exc, self.path, "read", self.busy_timeout)
+            if not isinstance(error, StorageCorruptError):
+                raise error from exc
+            self._corrupt_read(error)
+            return None
+        finally:
+            conn.busy -= 1
+        if row is None or row[0] == TAG_TOMBSTONE:
+            return None
+        if row[2] is not None and row[2] <= self.clock():
+            return None
+        return row
+
+    def _corrupt_read(self, error: StorageCorruptError) -> None:
+        """A read of a damaged page is a miss (this is a cache); the first one is logged."""
+        self._corrupt_reads += 1
+        if self._corrupt_reads == 1:
+            log.error("%s (reads of damaged pages count as misses from now on)", error)
+
+    def node_meta(self, name: str) -> Any:
+        """A value of the ``meta`` table (schema_version, node_id, ...), or None."""
+        row = self._read_one(SQL_META_GET, (name,))
+        return None if row is None else row[0]
+
+    # ---- writes ---------------------------------------------------------------------
+
+    def set(self, key: str, tag: int, payload: Payload, expire_at: float | None) -> None:
+        """Store a row (replacing any)."""
+        if not self.clustered and self.max_entries is None:
+            size = len(key) + (len(payload) if type(payload) is bytes else payload_size(payload))
+            cur = self._write_one(SQL_PUT_STAMPED, (key, tag, payload, expire_at, size,
+                                                    int(self.clock() * 1000) << 16,
+                                                    self.node_id), [key])
+            if cur.rowcount > 0:
+                return
+            # Marked clustered since: the write needs its oplog row (the transaction reads
+            # the flag again).
+            self._flag_generation = -1
+        with self.transaction() as txn:
+            self._put(txn, key, tag, payload, expire_at)
+
+    def set_many(self, items: Iterable[tuple[str, int, Payload, float | None]]) -> None:
+        """Store several rows in one transaction."""
+        with self.transaction() as txn:
+            for key, tag, payload, expire_at in items:
+                self._put(txn, key, tag, payload, expire_at)
+
+    def _put(self, txn: Txn, key: str, tag: int, payload: Payload,
+             expire_at: float | None) -> None:
+        size = len(key) + payload_size(payload)
+        txn.conn.execute(SQL_PUT, (key, tag, payload, expire_at, size, txn.hlc, self.node_id))
+        txn.inserted += 1
+        self.record(txn, "set", key, tag, payload, expire_at)
+
+    def add(self, key: str, tag: int, payload: Payload, expire_at: float | None) -> bool:
+        """Store only if the key is missing or expired; True if stored."""
+        with self.transaction() as txn:
+            cur = txn.conn.execute(SQL_ADD, {
+                "key": key, "tag": tag, "value": payload, "expire_at": expire_at,
+                "size": len(key) + payload_size(payload), "hlc": txn.hlc,
+                "node": self.node_id, "now": txn.now,
+            })
+            if cur.rowcount <= 0:
+                return False
+            txn.inserted += 1
+            self.record(txn, "set", key, tag, payload, expire_at)
+            return True
+
+    def delete(self, key: str) -> bool:
+        """Remove a key; True if a live value was removed."""
+        with self.transaction() as txn:
+            return self._delete(txn, key)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove several keys in one transaction; how many live values went."""
+        with self.transaction() as txn:
+            return sum(self._delete(txn, key) for key in keys)
+
+    def _delete(self, txn: Txn, key: str) -> bool:
+        row = txn.conn.execute(SQL_GET, (key,)).fetchone()
+        if row is None or row[0] == TAG_TOMBSTONE:
+            return False
+        live = row[2] is None or row[2] > txn.now
+        if txn.clustered:  # keep a tombstone so that a late replica cannot resurrect it
+            txn.conn.execute(SQL_TOMBSTONE,
+                             (txn.now + TOMBSTONE_SECONDS, txn.hlc, self.node_id, key))
+        else:
+            txn.conn.execute(SQL_DELETE, (key,))
+        self.record(txn, "delete", key)
+        return live
+
+    def pull(self, key: str) -> Row | None:
+        """Read and delete a key in one transaction."""
+        with self.transaction() as txn:
+            row = txn.conn.execute(SQL_GET, (key,)).fetchone()
+            if row is None or row[0] == TAG_TOMBSTONE:
+                return None
+            self._delete(txn, key)
+            if row[2] is not None and row[2] <= txn.now:
+                return None
+            return row
+
+    def incr(self, key: str, delta: int, expire_if_new: float | None, *,
+             create: bool = True) -> int:
+        """Add ``delta`` atomically; a missing key starts from 0 (KeyError if not ``create``).
+
+        Raises TypeError for a non-integer value and OverflowError past int64.
+        """
+        if not INT64_MIN <= delta <= INT64_MAX:
+            raise OverflowError(f"delta {delta} is outside the 64-bit integer range")
+        with self.transaction() as txn:
+            row = txn.conn.execute(SQL_INCR, {
+                "delta": delta, "hlc": txn.hlc, "node": self.node_id, "key": key,
+                "now": txn.now, "max": INT64_MAX, "min": INT64_MIN,
+            }).fetchone()
+            if row is not None:
+                self.record(txn, "incr", key, TAG_INT, delta)
+                return int(row[0])
+            current = txn.conn.execute(SQL_GET, (key,)).fetchone()
+            if current is not None and current[0] != TAG_TOMBSTONE and (
+                    current[2] is None or current[2] > txn.now):
+                if current[0] != TAG_INT:
+                    raise TypeError(f"cannot increment {key!r}: its value is not an integer")
+                raise OverflowError(
+                    f"incrementing {key!r} ({current[1]}) by {delta} leaves the 64-bit range")
+            if not create:
+                raise KeyError(key)
+            self._put(txn, key, TAG_INT, delta, expire_if_new)
+            return delta
+
+    def touch(self, key: str, expire_at: float | None) -> bool:
+        """Set a new expiry on a live key; True if the key was there."""
+        with self.transaction() as txn:
+            cur = txn.conn.execute(SQL_TOUCH, (expire_at, txn.hlc, self.node_id, key, txn.now))
+            if cur.rowcount <= 0:
+                return False
+            self.record(txn, "touch", key, None, None, expire_at)
+            return True
+
+    def clear(self) -> int:
+        """Remove every entry (locks stay); returns how many rows went."""
+        with self.transaction() as txn:
+            count = txn.conn.execute(SQL_CLEAR).rowcount
+            self.record(txn, "clear", None)
+            return int(count)
+
+    # ---- locks ----------------------------------------------------------------------
+
+    def lock_acquire(self, name: str, owner: str, expire_at: float | None) -> int | None:
+        """Grant the lock to ``owner`` if free, expired or already theirs: the fence, or None."""
+        with self.transaction() as txn:
+            row = txn.conn.execute(SQL_FENCE_IF_FREE, (name, owner, txn.now)).fetchone()
+            if row is None:  # held by another owner, not expired
+                return None
+            fence = int(row[0])
+            txn.conn.execute(SQL_LOCK_PUT, (name, owner, expire_at, fence, txn.now))
+            return fence
+
+    def lock_release(self, name: str, owner: str) -> bool:
+        """Release the lock if ``owner`` holds it; True if released."""
+        # One conditional DELETE: atomic alone, and locks have no L1 token and no oplog row.
+        cur = self._write_one(SQL_LOCK_RELEASE, (name, owner), [], "release a lock")
+        return bool(cur.rowcount > 0)
+
+    def lock_force_release(self, name: str) -> bool:
+        """Release the lock whoever holds it; True if it was held."""
+        with self.transaction() as txn:
+            return bool(txn.conn.execute(SQL_LOCK_FORCE, (name,)).rowcount > 0)
+
+    def lock_extend(self, name: str, owner: str, expire_at: float | None) -> bool:
+        """Give ``owner``'s live lock a new expiry; False if they no longer hold it."""
+        with self.transaction() as txn:
+            cur = txn.conn.execute(SQL_LOCK_EXTEND, (expire_at, name, owner, txn.now))
+            return bool(cur.rowcount > 0)
+
+    def lock_info(self, name: str) -> tuple[str, float | None, int] | None:
+        """(owner, expire_at, fence) of a held lock, or None if free or expired."""
+        row = self._read_one(SQL_LOCK_GET, (name,))
+        if row is None or (row[1] is not None and row[1] <= self.clock()):
+            return None
+        return row[0], row[1], int(row[2])
+
+    # ---- upkeep and introspection -----------------------------------------------------
+
+    def purge_expired(self, limit: int | None = None) -> int:
+        """Remove expired entries, tombstones past their window and expired locks."""
+        return upkeep.purge_expired(self, limit)
+
+    def enforce_max_bytes(self) -> int:
+        """Evict (expired first, then oldest written) until under ``max_bytes``."""
+        return upkeep.enforce_max_bytes(self)
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Run a WAL checkpoint: (busy, log frames, checkpointed frames)."""
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(f"unknown checkpoint mode {mode!r}")
+        row = self._read_one(f"PRAGMA wal_checkpoint({mode})", (), "checkpoint")
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def used_bytes(self) -> int:
+        """Bytes of the database's pages in use (free pages left out)."""
+        return int(self._read_one(SQL_PAGES)[0]) * self._page_size
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and sizes: entries, locks, value bytes, file sizes."""
+        entries, value_bytes = self._read_one(SQL_COUNT_LIVE, (self.clock(),))
+        locks = self._read_one(SQL_COUNT_LOCKS, (self.clock(),))[0]
+        return {
+            "path": self.path,
+            "node_id": self.node_id,
+            "entries": int(entries),
+            "locks": int(locks),
+            "value_bytes": int(value_bytes),
+            "db_bytes": file_size(self.path),
+            "wal_bytes": file_size(self.path + "-wal"),
+            "used_bytes": self.used_bytes(),
+        }
+
+
+__all__ = ["Row", "Store", "Txn", "_Connection"]

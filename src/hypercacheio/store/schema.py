@@ -1,0 +1,130 @@
+"""The database's layout as data: file names, pragmas, tables, migrations and statements."""
+
+from __future__ import annotations
+
+DB_NAME = "hypercacheio.sqlite"
+TOKENS_NAME = "hypercacheio.l1"
+INIT_LOCK_NAME = "hypercacheio.init.lock"
+
+# Version 2: versions come from the database's clock (``clock.py``), not each process's;
+# ``meta`` holds the clustered flag and the last version observed from a peer. An older
+# hypercacheio would stamp versions of its own: it refuses a version-2 database.
+SCHEMA_VERSION = 2
+
+# Applied once per database, under the init file lock (journal_mode is persistent).
+PRAGMAS_DATABASE = ("PRAGMA journal_mode=WAL",)
+# Applied on every connection.
+PRAGMAS_CONNECTION = (
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA journal_size_limit=67108864",  # truncate the -wal file back to 64 MiB
+    "PRAGMA wal_autocheckpoint=1000",
+    "PRAGMA cache_size=-16384",  # 16 MiB page cache per connection
+    "PRAGMA temp_store=MEMORY",
+    "PRAGMA foreign_keys=OFF",
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    key       TEXT PRIMARY KEY,
+    tag       INTEGER NOT NULL,   -- codec tag; -1 marks a tombstone
+    value,                        -- INTEGER, TEXT or BLOB by tag
+    expire_at REAL,               -- wall-clock seconds; NULL never expires
+    size      INTEGER NOT NULL,   -- bytes of key and value
+    hlc       INTEGER NOT NULL,   -- hybrid logical clock of the last write
+    node      TEXT NOT NULL       -- id of the node that wrote it
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entries_expire ON entries(expire_at) WHERE expire_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS locks (
+    name        TEXT PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    expire_at   REAL,
+    fence       INTEGER NOT NULL,
+    acquired_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS oplog (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    op        TEXT NOT NULL,      -- set, delete, incr, touch, clear
+    key       TEXT,
+    tag       INTEGER,
+    value,
+    expire_at REAL,
+    hlc       INTEGER NOT NULL,
+    node      TEXT NOT NULL
+);
+"""
+
+# Run in order, inside the opening transaction, on a database of an older version.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (),  # new ``meta`` rows only (META_DEFAULTS); the clock file is seeded from the rows
+}
+
+# Rows every database has (INSERT OR IGNORE: the first process to open it decides).
+META_DEFAULTS: tuple[tuple[str, object], ...] = (("fence", 0), ("hlc", 0), ("clustered", 0))
+
+SQL_META_INIT = "INSERT OR IGNORE INTO meta(name, value) VALUES (?, ?)"
+SQL_META_GET = "SELECT value FROM meta WHERE name = ?"
+SQL_META_SET = "UPDATE meta SET value = ? WHERE name = ?"
+# lock grant in one statement: the next fence, only if the lock is free, expired or the owner's
+SQL_FENCE_IF_FREE = (
+    "UPDATE meta SET value = value + 1 WHERE name = 'fence' AND NOT EXISTS ("
+    "SELECT 1 FROM locks WHERE name = ? AND owner != ? AND (expire_at IS NULL OR expire_at > ?)"
+    ") RETURNING value"
+)
+
+SQL_GET = "SELECT tag, value, expire_at FROM entries WHERE key = ?"
+SQL_PUT = ("INSERT OR REPLACE INTO entries(key, tag, value, expire_at, size, hlc, node) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?)")
+# add: insert, or overwrite only a row that is expired or a tombstone
+SQL_ADD = (
+    "INSERT INTO entries(key, tag, value, expire_at, size, hlc, node) "
+    "VALUES (:key, :tag, :value, :expire_at, :size, :hlc, :node) "
+    "ON CONFLICT(key) DO UPDATE SET tag = excluded.tag, value = excluded.value, "
+    "expire_at = excluded.expire_at, size = excluded.size, hlc = excluded.hlc, "
+    "node = excluded.node "
+    "WHERE entries.tag = -1 OR (entries.expire_at IS NOT NULL AND entries.expire_at <= :now)"
+)
+SQL_DELETE = "DELETE FROM entries WHERE key = ? AND tag != -1"
+SQL_TOMBSTONE = (
+    "UPDATE entries SET tag = -1, value = NULL, expire_at = ?, size = 0, hlc = ?, node = ? "
+    "WHERE key = ? AND tag != -1 RETURNING (expire_at)"
+)
+# incr: one statement; refuses (changes nothing) on a missing, expired, non-int or overflow
+SQL_INCR = (
+    "UPDATE entries SET value = value + :delta, hlc = :hlc, node = :node "
+    "WHERE key = :key AND tag = 0 AND (expire_at IS NULL OR expire_at > :now) "
+    "AND CASE WHEN :delta >= 0 THEN value <= :max - :delta ELSE value >= :min - :delta END "
+    "RETURNING value"
+)
+SQL_TOUCH = ("UPDATE entries SET expire_at = ?, hlc = ?, node = ? "
+             "WHERE key = ? AND tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
+SQL_CLEAR = "DELETE FROM entries"
+SQL_COUNT_ALL = "SELECT COUNT(*) FROM entries"
+SQL_COUNT_LIVE = ("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries "
+                  "WHERE tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
+SQL_PURGE = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
+             "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?) RETURNING key")
+# oplog rows older than the tombstone window (by HLC): a peer that far behind resyncs in full
+SQL_PURGE_OPLOG = ("DELETE FROM oplog WHERE seq IN (SELECT seq FROM oplog "
+                   "WHERE hlc < ? ORDER BY seq LIMIT ?)")
+SQL_COUNT_LOCKS = "SELECT COUNT(*) FROM locks WHERE expire_at IS NULL OR expire_at > ?"
+SQL_PURGE_LOCKS = ("DELETE FROM locks WHERE name IN (SELECT name FROM locks "
+                   "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?)")
+SQL_EVICT_OLDEST = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
+                    "ORDER BY hlc LIMIT ?) RETURNING key")
+SQL_EVICT_ALL_BUT = "DELETE FROM entries WHERE key NOT IN ({marks}) RETURNING key"
+SQL_PAGES = "SELECT (SELECT page_count FROM pragma_page_count) - " \
+            "(SELECT freelist_count FROM pragma_freelist_count)"
+SQL_OPLOG = ("INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+SQL_LOCK_GET = "SELECT owner, expire_at, fence FROM locks WHERE name = ?"
+SQL_LOCK_PUT = ("INSERT OR REPLACE INTO locks(name, owner, expire_at, fence, acquired_at) "
+                "VALUES (?, ?, ?, ?, ?)")
+SQL_LOCK_RELEASE = "DELETE FROM locks WHERE name = ? AND owner = ?"
+SQL_LOCK_FORCE = "DELETE FROM locks WHERE name = ?"
+SQL_LOCK_EXTEND = ("UPDATE locks SET expire_at = ? WHERE name = ? AND owner = ? "
+                   "AND (expire_at IS NULL OR expire_at > ?)")

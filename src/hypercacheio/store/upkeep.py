@@ -1,0 +1,105 @@
+"""Upkeep of a store: expiry, tombstone and oplog trimming, max_bytes and max_entries, WAL
+checkpoints. Run in small amortized rounds by the writes themselves (``Store._finish``) and
+by the node's collector."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import StorageError
+from .clock import wall_hlc
+from .fs import file_size
+from .schema import (
+    SQL_COUNT_ALL,
+    SQL_EVICT_ALL_BUT,
+    SQL_EVICT_OLDEST,
+    SQL_PURGE,
+    SQL_PURGE_LOCKS,
+    SQL_PURGE_OPLOG,
+)
+
+if TYPE_CHECKING:
+    from .core import Store, Txn
+
+log = logging.getLogger("hypercacheio.store")
+
+GC_EVERY = 512  # writes of one process between two amortized collections
+GC_BATCH = 256  # rows removed by one amortized collection
+SIZE_CHECK_EVERY = 64  # writes between two checks of max_bytes
+WAL_CHECKPOINT_BYTES = 16 << 20  # a larger -wal file gets a checkpoint from the collection
+TOMBSTONE_SECONDS = 7 * 24 * 3600.0
+
+
+def purge_expired(store: Store, limit: int | None = None) -> int:
+    """Remove expired entries, tombstones past their window, expired locks, old oplog rows."""
+    removed = 0
+    batch = GC_BATCH if limit is None else min(limit, GC_BATCH)
+    while True:
+        with store.transaction() as txn:
+            keys = [r[0] for r in txn.conn.execute(SQL_PURGE, (txn.now, batch))]
+            txn.conn.execute(SQL_PURGE_LOCKS, (txn.now, batch))
+            trimmed = 0
+            if txn.clustered:  # the oplog keeps what a peer could still ask for
+                oldest = wall_hlc(txn.now - TOMBSTONE_SECONDS)
+                trimmed = txn.conn.execute(SQL_PURGE_OPLOG, (oldest, batch)).rowcount
+            txn.changed.extend(keys)
+        removed += len(keys)
+        # An unbounded round also takes the whole old oplog: one batch a round would
+        # fall behind a store that writes more than a batch between two rounds.
+        more_oplog = limit is None and trimmed >= batch
+        if (len(keys) < batch and not more_oplog) or (limit is not None and removed >= limit):
+            return removed
+
+
+def collect_amortized(store: Store) -> None:
+    """One small collection round after a write; a failure is logged, never raised."""
+    try:
+        purge_expired(store, limit=GC_BATCH)
+        if store.max_bytes is not None:
+            enforce_max_bytes(store)
+        # SQLite checkpoints by itself (wal_autocheckpoint); step in only when the WAL has
+        # grown past what that keeps it to (long readers held it back).
+        if file_size(store.path + "-wal") > WAL_CHECKPOINT_BYTES:
+            store.checkpoint("PASSIVE")
+    except StorageError as exc:  # never fail the caller's committed write
+        log.warning("background collection in %s failed: %s", store.directory, exc)
+
+
+def enforce_max_bytes(store: Store) -> int:
+    """Evict (expired first, then oldest written) until under ``max_bytes``."""
+    if store.max_bytes is None or store.used_bytes() <= store.max_bytes:
+        return 0
+    evicted = purge_expired(store)
+    while store.used_bytes() > store.max_bytes * 0.9:
+        with store.transaction() as txn:
+            count = txn.conn.execute(SQL_COUNT_ALL).fetchone()[0]
+            if count == 0:
+                break
+            keys = [r[0] for r in txn.conn.execute(SQL_EVICT_OLDEST, (max(1, count // 10),))]
+            txn.changed.extend(keys)
+        evicted += len(keys)
+    return evicted
+
+
+def enforce_max_entries(store: Store, txn: Txn) -> None:
+    """Django's culling rule: at ``max_entries`` rows, drop 1/cull_frequency of them
+    (expired first, then the oldest written); cull_frequency 0 empties the store."""
+    assert store.max_entries is not None
+    count = txn.conn.execute(SQL_COUNT_ALL).fetchone()[0]
+    if count <= store.max_entries:
+        return
+    keys = [r[0] for r in txn.conn.execute(SQL_PURGE, (txn.now, count))]
+    txn.changed.extend(keys)
+    count -= len(keys)
+    if count <= store.max_entries:
+        return
+    # Django culls before it inserts; culling after, the row just written is spared.
+    keep = txn.changed[-500:]
+    if store.cull_frequency == 0:
+        marks = ",".join("?" * len(keep))
+        keys = [r[0] for r in txn.conn.execute(SQL_EVICT_ALL_BUT.format(marks=marks), keep)]
+    else:
+        keys = [r[0] for r in txn.conn.execute(
+            SQL_EVICT_OLDEST, ((count - 1) // store.cull_frequency,))]
+    txn.changed.extend(keys)
