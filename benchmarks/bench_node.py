@@ -1,11 +1,13 @@
 """The node API side by side with redis-py, and under wrk next to a bare aiohttp route.
 
 Usage: .venv/bin/python benchmarks/bench_node.py [--n 5000] [--rounds 10] [--wrk-seconds 3]
+       [--transport urllib3|fast|both]
 
 Starts, in this run and on 127.0.0.1: a hypercacheio node (TCP and a unix socket), a
 redis-server (apt-get install -y redis-server; pip install redis), and a bare aiohttp
 hello-world route; then prints p50/p99 per operation and wrk throughput at 32 connections,
-with the ratios the issue sets as targets.
+with the ratios the issue sets as targets. ``--transport both`` measures RemoteCache over
+each of its two transports in the same interleaved run and prints fast/urllib3 ratios.
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved latency slices")
     parser.add_argument("--wrk-seconds", type=int, default=3)
     parser.add_argument("--wrk-rounds", type=int, default=3)
+    parser.add_argument("--transport", choices=["urllib3", "fast", "both"], default=None,
+                        help="RemoteCache transport(s) to measure (default: the one "
+                             "RemoteCache picks); 'both' prints them side by side")
     parser.add_argument("--pin", action="store_true",
                         help="servers (node, redis, bare route) on CPU 0, clients and wrk on "
                              "CPU 1: every server gets the same placement (on 2 cores the "
@@ -190,10 +195,14 @@ def main() -> int:
         wait_port(port)
         wait_port(bare_port)
         url = f"http://127.0.0.1:{port}"
-        tcp = RemoteCache(url, TOKEN)
-        unix = RemoteCache("http://localhost", TOKEN, unix_socket=sock_path)
-        clients = {"RemoteCache tcp": remote_ops(tcp, "tcp"),
-                   "RemoteCache unix": remote_ops(unix, "unix")}
+        clients: dict[str, dict[str, Callable[[int], Any]]] = {}
+        kinds = ["fast", "urllib3"] if args.transport == "both" else [args.transport]
+        for kind in kinds:
+            suffix = f" {kind}" if args.transport == "both" else ""
+            tcp = RemoteCache(url, TOKEN, transport=kind)
+            unix = RemoteCache("http://localhost", TOKEN, unix_socket=sock_path, transport=kind)
+            clients[f"RemoteCache tcp{suffix}"] = remote_ops(tcp, f"tcp{suffix}")
+            clients[f"RemoteCache unix{suffix}"] = remote_ops(unix, f"unix{suffix}")
         if redis_bin:
             import redis
             wait_port(redis_port)
@@ -207,18 +216,30 @@ def main() -> int:
         placement = "servers on CPU 0, client on CPU 1" if args.pin else "unpinned"
         print(f"\nlatency, microseconds, p50 / p99 ({args.n} calls each in {args.rounds} "
               f"interleaved slices, one client, 127.0.0.1, {placement})")
-        print(f"{'op':<12}" + "".join(f"{c:>24}" for c in columns)
+        print(f"{'op':<12}" + "".join(f"{c:>27}" for c in columns)
               + ("   tcp/redis p50" if "redis-py" in results else ""))
         for op in ops:
             row = f"{op:<12}"
             for c in columns:
                 p50, p99 = results[c][op]
-                row += f"{p50:>13.0f} / {p99:>6.0f}  "
+                row += f"{p50:>16.0f} / {p99:>6.0f}  "
             if "redis-py" in results:
-                row += f"{results['RemoteCache tcp'][op][0] / results['redis-py'][op][0]:>14.2f}x"
+                row += f"{results[columns[0]][op][0] / results['redis-py'][op][0]:>14.2f}x"
             print(row)
 
-        if shutil.which("wrk"):
+        if args.transport == "both":
+            print("\ntransports side by side, p50 (and p99) ratio fast / urllib3 "
+                  "(below 1: fast is faster)")
+            print(f"{'op':<12}{'tcp p50':>10}{'tcp p99':>10}{'unix p50':>10}{'unix p99':>10}")
+            for op in ops:
+                row = f"{op:<12}"
+                for where in ("tcp", "unix"):
+                    fast = results[f"RemoteCache {where} fast"][op]
+                    slow = results[f"RemoteCache {where} urllib3"][op]
+                    row += f"{fast[0] / slow[0]:>10.2f}{fast[1] / slow[1]:>10.2f}"
+                print(row)
+
+        if args.wrk_rounds > 0 and shutil.which("wrk"):
             node_runs, bare_runs = [], []
             for _ in range(args.wrk_rounds):  # interleaved, medians: the machine is shared
                 node_runs.append(run_wrk(f"{url}/api/hypercacheio/cache/hot", args.wrk_seconds,
@@ -237,7 +258,7 @@ def main() -> int:
             print("wrk not found (apt-get install -y wrk): no throughput rows")
 
         print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        tcp_get = results["RemoteCache tcp"]["GET"]
+        tcp_get = results[columns[0]]["GET"]
         print("\ntargets:")
         if "redis-py" in results:
             ratio = tcp_get[0] / results["redis-py"]["GET"][0]

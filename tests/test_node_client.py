@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,12 @@ from hypercacheio import (
     LockTimeout,
     NodeUnavailable,
     RemoteCache,
+    Settings,
 )
+from hypercacheio.api import CacheLike
+from hypercacheio.cache import MISSING
 from hypercacheio.node.client import RequestRejected
+from hypercacheio.node.transport import FastTransport, Response, _Conn
 from node_helpers import Node, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -324,19 +329,22 @@ def test_fast_transport_takes_its_answer_before_the_connection_is_reused(node: N
     rc.set("mine", "A")
     rc.set("theirs", "B")
     transport = rc._transport
-    checkin = transport._checkin  # type: ignore[union-attr]
-    others: list[object] = []
+    assert isinstance(transport, FastTransport)
+    checkin = transport._checkin
+    others: list[Response] = []
+    started: list[bool] = []
 
-    def checkin_then_another_thread(conn: object) -> None:
+    def checkin_then_another_thread(conn: _Conn) -> None:
         checkin(conn)
-        if not others:  # another thread takes the idle connection before we read on
-            others.append(None)
-            others[0] = transport.request("GET", rc.base_path + "/cache/theirs", rc._headers)
+        if not started:  # another thread takes the idle connection before we read on
+            started.append(True)
+            others.append(transport.request("GET", rc.base_path + "/cache/theirs",
+                                            rc._headers))
 
-    transport._checkin = checkin_then_another_thread  # type: ignore[union-attr]
+    transport._checkin = checkin_then_another_thread  # type: ignore[method-assign]
     try:
         assert rc.get("mine") == "A"
-        assert others[0].body == b"B"  # type: ignore[attr-defined]
+        assert others[0].body == b"B"
     finally:
         rc.close()
 
@@ -356,3 +364,96 @@ def test_tls(tmp_path: Path) -> None:
             assert rc.ping()["listen"] == [f"https://127.0.0.1:{node.port}"]
             with pytest.raises(NodeUnavailable):  # the default trust store does not know it
                 RemoteCache(url, node.token, transport=transport).get("secure")
+
+
+# ---- the whole Cache API, with Cache's defaults (hypercacheio.api.CacheLike) ----------------
+
+def _scenario(c: CacheLike) -> list[object]:
+    """The same calls on a Cache and a RemoteCache, both with default_ttl=100."""
+    def whole(seconds: float | None) -> int | None:
+        return None if seconds is None else round(seconds)
+
+    out: list[object] = []
+    c.set("a", 1)
+    out += [whole(c.ttl("a")), c.forever("b", 2), c.ttl("b"), c.add("c", 3), whole(c.ttl("c"))]
+    out += [c.set_many({"d": 4, "e": 5}), whole(c.ttl("d")), c.get_many(["a", "b", "zz"])]
+    out += ["a" in c, "zz" in c, c.has("b"), c.incr("n"), whole(c.ttl("n")), c.decr("n", 3)]
+    c.set("t", 1, ttl=None)
+    out += [c.ttl("t"), c.touch("t"), whole(c.ttl("t")), c.touch("zz")]
+    out += [c.set("g", 1, ttl=0), c.get("g", "default"), c.add("g", 1, ttl=-1), c.has("g")]
+    out += [c.pull("a"), c.pull("a", "x"), c.delete_many(["b", "c", "zz"]), c.ttl("zz")]
+    out += [c.remember("r", 50, lambda: "computed"), c.remember("r", 50, lambda: "again"),
+            whole(c.ttl("r")), c.remember("r2", MISSING, lambda: 7), whole(c.ttl("r2"))]
+    lock = c.lock("L", ttl=30)
+    assert lock.acquire(blocking=False)
+    restored = c.restore_lock("L", lock.owner)
+    out += [restored.fence == lock.fence is not None, restored.owned(),
+            c.restore_lock("L", "someone else").owned(), restored.release(), lock.locked()]
+    stats = c.stats()
+    out += [sorted(k for k in ("hits", "misses", "entries", "locks", "db_bytes") if k in stats)]
+    return out
+
+
+def test_remote_cache_has_the_whole_api_with_the_same_defaults(rc: RemoteCache, node: Node,
+                                                               tmp_path: Path) -> None:
+    local = Cache(str(tmp_path / "local"), default_ttl=100)
+    remote = RemoteCache(rc.url, node.token, unix_socket=rc.unix_socket, default_ttl=100,
+                         transport="fast" if isinstance(rc._transport, FastTransport)
+                         else "urllib3")
+    try:
+        assert isinstance(local, CacheLike) and isinstance(remote, CacheLike)
+        expected = _scenario(local)
+        assert expected[:3] == [100, True, None]  # default_ttl applies; forever ignores it
+        assert _scenario(remote) == expected
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_default_ttl_comes_from_settings_and_ttl_none_overrides_it(node: Node) -> None:
+    settings = Settings(api_token=node.token, node_port=node.port, default_ttl=60)
+    rc = RemoteCache(settings=settings)
+    assert rc.url == node.url and rc.default_ttl == 60.0
+    rc.set("s", 1)
+    left = rc.ttl("s")
+    assert left is not None and 58 < left <= 60
+    rc.set("s", 1, ttl=None)
+    assert rc.ttl("s") is None
+    assert RemoteCache(node.url, node.token).default_ttl is None
+    with pytest.raises(ValueError, match="default_ttl"):
+        RemoteCache(node.url, node.token, default_ttl=0)
+    with pytest.raises(ValueError, match="unix_socket"):
+        RemoteCache()
+    rc.close()
+
+
+def test_unix_socket_without_a_url(node: Node) -> None:
+    assert node.unix_socket is not None
+    with RemoteCache(unix_socket=node.unix_socket, token=node.token) as rc:
+        rc.set("via-socket", "yes")
+        assert rc.get("via-socket") == "yes"
+        assert repr(rc) == f"<RemoteCache unix:{node.unix_socket}>"
+
+
+def test_remember_computes_once_across_clients(node: Node) -> None:
+    calls: list[int] = []
+    results: list[object] = []
+    start = threading.Barrier(4)
+
+    def compute() -> str:
+        calls.append(1)
+        time.sleep(0.3)  # long enough for every other client to find no value and wait
+        return "value"
+
+    def worker() -> None:
+        with node.client() as client:
+            start.wait(5)
+            results.append(client.remember("stampede", 30, compute))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert results == ["value"] * 4
+    assert len(calls) == 1
