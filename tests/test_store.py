@@ -125,7 +125,7 @@ def test_clustered_keeps_tombstones_and_oplog(cache_dir: str, clock: FakeClock) 
     s.set("p", TAG_STR, "x", None)
     assert s.pull("p") == (TAG_STR, "x", None)
     ops = [r[0] for r in _raw(s, "SELECT op FROM oplog ORDER BY seq")]
-    assert ops == ["set", "delete", "set", "delete", "set", "set", "delete"]
+    assert ops == ["set", "delete", "set", "delete", "incr", "set", "delete"]
     assert s.stats()["entries"] == 1
     clock.advance(TOMBSTONE_SECONDS + 1)
     s.set("recent", TAG_STR, "x", None)

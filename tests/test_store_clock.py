@@ -147,7 +147,7 @@ def test_a_plain_process_writes_tombstones_and_oplog_in_a_clustered_store(
     early.set("e", TAG_INT, 2, None)
     assert early.delete("e") is True
     ops = _raw(early, "SELECT op, key FROM oplog ORDER BY seq")
-    assert ops == [("set", "p"), ("delete", "p"), ("set", "n"), ("set", "e"), ("delete", "e")]
+    assert ops == [("set", "p"), ("delete", "p"), ("incr", "n"), ("set", "e"), ("delete", "e")]
     assert _raw(early, "SELECT key FROM entries WHERE tag = ? ORDER BY key",
                 TAG_TOMBSTONE) == [("e",), ("p",)]
 

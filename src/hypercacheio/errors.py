@@ -60,3 +60,12 @@ class RequestRejected(HypercacheioError, ValueError):
         super().__init__(f"node answered {status}: {message}")
         self.status = status
         self.code = code
+
+
+class ReplicationError(HypercacheioError, ValueError):
+    """Replication data from a peer cannot be used (nothing of it was applied)."""
+
+
+class MalformedFrame(ReplicationError):
+    """A replication frame does not decode or does not validate: wrong types, an unknown
+    op, an invalid key, or over the size limits. Nothing of it is applied."""

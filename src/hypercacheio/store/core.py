@@ -4,7 +4,9 @@ Every mutation goes through ``Store.transaction``: BEGIN IMMEDIATE, the change, 
 from the database clock (``clock.py``), the oplog row when the store is clustered, COMMIT,
 then fresh L1 tokens for the changed keys (``Store._finish``). The one shortcut, a single
 blind ``set`` of a store that is not clustered, is one autocommit statement that stamps
-its own version (SQLite's own transaction) and then the same ``_finish``.
+its own version (SQLite's own transaction) and then the same ``_finish``. Records and
+snapshots from another store (``Store.apply``, ``Store.apply_snapshot``: ``replica.py``) take
+the same transaction path.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import Any
 from ..codec import INT64_MAX, INT64_MIN, TAG_INT, TAG_TOMBSTONE, Payload, payload_size
 from ..errors import StorageCorruptError, StorageError
 from ..l1 import TokenTable
-from . import upkeep
+from . import replica, upkeep
 from .clock import CLOCK_NAME, SQL_OBSERVE, SQL_PUT_STAMPED, DatabaseClock
 from .connections import ConnectionOwner, _Connection, _fork_generation
 from .diagnose import storage_error
 from .fs import file_size, prepare_directory
 from .opening import initialize
+from .replica import Replication
 from .schema import (
     DB_NAME,
     SQL_ADD,
@@ -57,7 +60,7 @@ log = logging.getLogger("hypercacheio.store")
 Row = tuple[int, Any, "float | None"]  # (tag, payload, expire_at)
 
 
-class Store(ConnectionOwner):
+class Store(Replication, ConnectionOwner):
     """SQLite storage of (tag, payload, expiry) rows, locks and the oplog.
 
     ``clustered=True`` marks the database clustered (see ``mark_clustered``); False, the
@@ -171,14 +174,17 @@ class Store(ConnectionOwner):
         return cur
 
     def record(self, txn: Txn, op: str, key: str | None, tag: int | None = None,
-               value: Any = None, expire_at: float | None = None) -> None:
-        """Note a change: its key gets a new L1 token; clustered stores log it too."""
+               value: Any = None, expire_at: float | None = None,
+               delta: int | None = None) -> None:
+        """Note a change: its key gets a new L1 token; clustered stores log it too (what
+        each op's oplog row holds: ``hypercacheio.replication.records``)."""
         if key is None:
             txn.everything = True
         else:
             txn.changed.append(key)
         if txn.clustered:
-            txn.conn.execute(SQL_OPLOG, (op, key, tag, value, expire_at, txn.hlc, self.node_id))
+            txn.conn.execute(SQL_OPLOG, (op, key, tag, value, expire_at, txn.hlc,
+                                         self.node_id, delta))
 
     # ---- the clock and the clustered flag --------------------------------------------
 
@@ -270,17 +276,20 @@ class Store(ConnectionOwner):
             self._put(txn, key, tag, payload, expire_at)
 
     def set_many(self, items: Iterable[tuple[str, int, Payload, float | None]]) -> None:
-        """Store several rows in one transaction."""
+        """Store several rows in one transaction (of a key given twice, the last)."""
+        # One row per key: the rows of a transaction share its version, and a replica
+        # could not tell which of two same-version rows of a key came last.
+        rows = {key: (tag, payload, expire_at) for key, tag, payload, expire_at in items}
         with self.transaction() as txn:
-            for key, tag, payload, expire_at in items:
+            for key, (tag, payload, expire_at) in rows.items():
                 self._put(txn, key, tag, payload, expire_at)
 
     def _put(self, txn: Txn, key: str, tag: int, payload: Payload,
-             expire_at: float | None) -> None:
+             expire_at: float | None, op: str = "set", delta: int | None = None) -> None:
         size = len(key) + payload_size(payload)
         txn.conn.execute(SQL_PUT, (key, tag, payload, expire_at, size, txn.hlc, self.node_id))
         txn.inserted += 1
-        self.record(txn, "set", key, tag, payload, expire_at)
+        self.record(txn, op, key, tag, payload, expire_at, delta)
 
     def add(self, key: str, tag: int, payload: Payload, expire_at: float | None) -> bool:
         """Store only if the key is missing or expired; True if stored."""
@@ -311,12 +320,12 @@ class Store(ConnectionOwner):
         if row is None or row[0] == TAG_TOMBSTONE:
             return False
         live = row[2] is None or row[2] > txn.now
+        until = txn.now + TOMBSTONE_SECONDS
         if txn.clustered:  # keep a tombstone so that a late replica cannot resurrect it
-            txn.conn.execute(SQL_TOMBSTONE,
-                             (txn.now + TOMBSTONE_SECONDS, txn.hlc, self.node_id, key))
+            txn.conn.execute(SQL_TOMBSTONE, (until, txn.hlc, self.node_id, key))
         else:
             txn.conn.execute(SQL_DELETE, (key,))
-        self.record(txn, "delete", key)
+        self.record(txn, "delete", key, None, None, until)
         return live
 
     def pull(self, key: str) -> Row | None:
@@ -343,8 +352,8 @@ class Store(ConnectionOwner):
                 "delta": delta, "hlc": txn.hlc, "node": self.node_id, "key": key,
                 "now": txn.now, "max": INT64_MAX, "min": INT64_MIN,
             }).fetchone()
-            if row is not None:
-                self.record(txn, "incr", key, TAG_INT, delta)
+            if row is not None:  # the oplog row holds the result too (see records.py)
+                self.record(txn, "incr", key, TAG_INT, row[0], row[1], delta)
                 return int(row[0])
             current = txn.conn.execute(SQL_GET, (key,)).fetchone()
             if current is not None and current[0] != TAG_TOMBSTONE and (
@@ -355,7 +364,7 @@ class Store(ConnectionOwner):
                     f"incrementing {key!r} ({current[1]}) by {delta} leaves the 64-bit range")
             if not create:
                 raise KeyError(key)
-            self._put(txn, key, TAG_INT, delta, expire_if_new)
+            self._put(txn, key, TAG_INT, delta, expire_if_new, "incr", delta)
             return delta
 
     def touch(self, key: str, expire_at: float | None) -> bool:
@@ -371,6 +380,7 @@ class Store(ConnectionOwner):
         """Remove every entry (locks stay); returns how many rows went."""
         with self.transaction() as txn:
             count = txn.conn.execute(SQL_CLEAR).rowcount
+            replica.set_cleared(txn, txn.hlc, self.node_id)  # no older write comes back
             self.record(txn, "clear", None)
             return int(count)
 

@@ -7,8 +7,10 @@ TOKENS_NAME = "hypercacheio.l1"
 INIT_LOCK_NAME = "hypercacheio.init.lock"
 
 # Version 2: versions come from the database's clock (``clock.py``), not each process's;
-# ``meta`` holds the clustered flag and the last version observed from a peer. An older
-# hypercacheio would stamp versions of its own: it refuses a version-2 database.
+# ``meta`` holds the clustered flag, the last version observed from a peer and the version of
+# the last clear; oplog rows carry an increment's delta; ``peers`` holds replication
+# positions. An older hypercacheio would stamp versions of its own: it refuses a version-2
+# database.
 SCHEMA_VERSION = 2
 
 # Applied once per database, under the init file lock (journal_mode is persistent).
@@ -48,22 +50,35 @@ CREATE TABLE IF NOT EXISTS locks (
 CREATE TABLE IF NOT EXISTS oplog (
     seq       INTEGER PRIMARY KEY AUTOINCREMENT,
     op        TEXT NOT NULL,      -- set, delete, incr, touch, clear
-    key       TEXT,
-    tag       INTEGER,
-    value,
-    expire_at REAL,
-    hlc       INTEGER NOT NULL,
-    node      TEXT NOT NULL
+    key       TEXT,               -- NULL for clear
+    tag       INTEGER,            -- set, incr: codec tag of value
+    value,                        -- set: the value; incr: the resulting value
+    expire_at REAL,               -- set, incr, touch: the row's; delete: the tombstone's
+    hlc       INTEGER NOT NULL,   -- version of the write
+    node      TEXT NOT NULL,      -- node it was first written on (its origin)
+    delta     INTEGER             -- incr: the increment
 );
+CREATE TABLE IF NOT EXISTS peers (
+    peer       TEXT PRIMARY KEY,  -- a peer's id or URL
+    acked      INTEGER NOT NULL,  -- last oplog seq acknowledged (by it, or from it)
+    source     TEXT NOT NULL,     -- node id of the database whose oplog ``acked`` counts in
+    updated_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 # Run in order, inside the opening transaction, on a database of an older version.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
-    2: (),  # new ``meta`` rows only (META_DEFAULTS); the clock file is seeded from the rows
+    # new ``meta`` rows (META_DEFAULTS), the oplog's delta; ``peers`` comes from SCHEMA; the
+    # clock file is seeded from the rows
+    2: ("ALTER TABLE oplog ADD COLUMN delta INTEGER",),
 }
 
 # Rows every database has (INSERT OR IGNORE: the first process to open it decides).
-META_DEFAULTS: tuple[tuple[str, object], ...] = (("fence", 0), ("hlc", 0), ("clustered", 0))
+META_DEFAULTS: tuple[tuple[str, object], ...] = (
+    ("fence", 0), ("hlc", 0), ("clustered", 0),
+    # the version of the last clear (local or applied): no older write is applied after it
+    ("cleared_hlc", 0), ("cleared_node", ""),
+)
 
 SQL_META_INIT = "INSERT OR IGNORE INTO meta(name, value) VALUES (?, ?)"
 SQL_META_GET = "SELECT value FROM meta WHERE name = ?"
@@ -97,7 +112,7 @@ SQL_INCR = (
     "UPDATE entries SET value = value + :delta, hlc = :hlc, node = :node "
     "WHERE key = :key AND tag = 0 AND (expire_at IS NULL OR expire_at > :now) "
     "AND CASE WHEN :delta >= 0 THEN value <= :max - :delta ELSE value >= :min - :delta END "
-    "RETURNING value"
+    "RETURNING value, expire_at"
 )
 SQL_TOUCH = ("UPDATE entries SET expire_at = ?, hlc = ?, node = ? "
              "WHERE key = ? AND tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
@@ -107,9 +122,13 @@ SQL_COUNT_LIVE = ("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries "
                   "WHERE tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
 SQL_PURGE = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
              "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?) RETURNING key")
-# oplog rows older than the tombstone window (by HLC): a peer that far behind resyncs in full
+# The oplog is trimmed from its oldest row up to a bound (upkeep.oplog_trim_bound).
 SQL_PURGE_OPLOG = ("DELETE FROM oplog WHERE seq IN (SELECT seq FROM oplog "
-                   "WHERE hlc < ? ORDER BY seq LIMIT ?)")
+                   "WHERE seq <= ? ORDER BY seq LIMIT ?)")
+# the last row older than the tombstone window (oplog hlc grows with seq for local writes)
+SQL_OPLOG_WINDOW_BOUND = ("SELECT COALESCE((SELECT seq FROM oplog WHERE hlc >= ? ORDER BY seq "
+                          "LIMIT 1) - 1, (SELECT max(seq) FROM oplog), 0)")
+SQL_PEERS_MIN_ACKED = "SELECT min(acked), count(*) FROM peers WHERE source = ?"
 SQL_COUNT_LOCKS = "SELECT COUNT(*) FROM locks WHERE expire_at IS NULL OR expire_at > ?"
 SQL_PURGE_LOCKS = ("DELETE FROM locks WHERE name IN (SELECT name FROM locks "
                    "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?)")
@@ -118,8 +137,8 @@ SQL_EVICT_OLDEST = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
 SQL_EVICT_ALL_BUT = "DELETE FROM entries WHERE key NOT IN ({marks}) RETURNING key"
 SQL_PAGES = "SELECT (SELECT page_count FROM pragma_page_count) - " \
             "(SELECT freelist_count FROM pragma_freelist_count)"
-SQL_OPLOG = ("INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?)")
+SQL_OPLOG = ("INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node, delta) "
+             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 SQL_LOCK_GET = "SELECT owner, expire_at, fence FROM locks WHERE name = ?"
 SQL_LOCK_PUT = ("INSERT OR REPLACE INTO locks(name, owner, expire_at, fence, acquired_at) "

@@ -14,6 +14,8 @@ from .schema import (
     SQL_COUNT_ALL,
     SQL_EVICT_ALL_BUT,
     SQL_EVICT_OLDEST,
+    SQL_OPLOG_WINDOW_BOUND,
+    SQL_PEERS_MIN_ACKED,
     SQL_PURGE,
     SQL_PURGE_LOCKS,
     SQL_PURGE_OPLOG,
@@ -32,17 +34,16 @@ TOMBSTONE_SECONDS = 7 * 24 * 3600.0
 
 
 def purge_expired(store: Store, limit: int | None = None) -> int:
-    """Remove expired entries, tombstones past their window, expired locks, old oplog rows."""
+    """Remove expired entries, tombstones past their window, expired locks, and the oplog
+    rows no peer needs (``oplog_trim_bound``)."""
     removed = 0
     batch = GC_BATCH if limit is None else min(limit, GC_BATCH)
     while True:
         with store.transaction() as txn:
             keys = [r[0] for r in txn.conn.execute(SQL_PURGE, (txn.now, batch))]
             txn.conn.execute(SQL_PURGE_LOCKS, (txn.now, batch))
-            trimmed = 0
-            if txn.clustered:  # the oplog keeps what a peer could still ask for
-                oldest = wall_hlc(txn.now - TOMBSTONE_SECONDS)
-                trimmed = txn.conn.execute(SQL_PURGE_OPLOG, (oldest, batch)).rowcount
+            trimmed = txn.conn.execute(SQL_PURGE_OPLOG,
+                                       (oplog_trim_bound(store, txn), batch)).rowcount
             txn.changed.extend(keys)
         removed += len(keys)
         # An unbounded round also takes the whole old oplog: one batch a round would
@@ -50,6 +51,19 @@ def purge_expired(store: Store, limit: int | None = None) -> int:
         more_oplog = limit is None and trimmed >= batch
         if (len(keys) < batch and not more_oplog) or (limit is not None and removed >= limit):
             return removed
+
+
+def oplog_trim_bound(store: Store, txn: Txn) -> int:
+    """The last oplog seq that may go: every row older than the tombstone window, and
+    every row that each peer registered for this database has acknowledged (with no peer
+    registered, the window alone: a secondary may come back). A peer behind the bound
+    needs a snapshot (``Store.can_resume``)."""
+    bound = int(txn.conn.execute(SQL_OPLOG_WINDOW_BOUND,
+                                 (wall_hlc(txn.now - TOMBSTONE_SECONDS),)).fetchone()[0])
+    acked, peers = txn.conn.execute(SQL_PEERS_MIN_ACKED, (store.node_id,)).fetchone()
+    if peers:
+        bound = max(bound, int(acked))
+    return bound
 
 
 def collect_amortized(store: Store) -> None:

@@ -1,0 +1,486 @@
+"""The store's side of replication: reading its oplog, applying another store's records
+and snapshots, replication positions, and a digest of the live rows.
+
+Everything that changes rows runs in ``Store.transaction`` (the one write path: BEGIN
+IMMEDIATE, COMMIT, new L1 tokens for the changed keys). What each op means is in
+``hypercacheio.replication.records``.
+
+Ordering: last writer wins on the version ``(hlc, node)``, compared as a pair in SQL
+(``(entries.hlc, entries.node) < (?, ?)``). A record at or below a row's version, or at or
+below the store's last clear (``meta`` ``cleared_hlc``/``cleared_node``), is skipped, so a
+batch applied twice, replayed later, or reordered changes nothing more.
+
+Trimming (``upkeep.purge_expired``): an oplog row goes once it is older than the tombstone
+window, or once every peer registered in ``peers`` for this database has acknowledged it.
+A peer that has not acknowledged a row keeps it for at most the window; after that its
+position is older than the oldest row kept and it needs a snapshot (``Store.can_resume``).
+Tombstones live for the window (their ``expire_at``), the longest a peer can be away and
+still catch up from the oplog; a peer away longer takes a snapshot, which replaces each key
+range it covers (``apply_snapshot``), so no tombstone is needed to forget a deleted key.
+A node should register each configured peer (``peer_ack(peer, 0)``) before it first
+connects, so that the oplog waits for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sqlite3
+import struct
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
+
+from ..codec import TAG_TOMBSTONE, TAGS, payload_size
+from ..errors import ReplicationError
+from ..replication.records import (
+    CLEAR,
+    DELETE,
+    INCR,
+    SET,
+    TOUCH,
+    ApplyResult,
+    OplogBounds,
+    PeerPosition,
+    Record,
+    SnapshotChunk,
+    SnapshotRow,
+    SnapshotStart,
+)
+from .clock import SQL_OBSERVE, wall_hlc
+from .diagnose import storage_error
+from .schema import SQL_META_GET, SQL_META_SET, SQL_OPLOG
+from .upkeep import TOMBSTONE_SECONDS
+
+if TYPE_CHECKING:
+    from .core import Store, Txn
+
+SQL_OPLOG_SINCE = ("SELECT seq, op, key, tag, value, expire_at, hlc, node, delta FROM oplog "
+                   "WHERE seq > ? ORDER BY seq LIMIT ?")
+# the last seq ever written (AUTOINCREMENT keeps it in sqlite_sequence: trims never lower it)
+_LAST = "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'oplog'), 0)"
+SQL_OPLOG_LAST = f"SELECT {_LAST}"
+SQL_OPLOG_BOUNDS = f"SELECT (SELECT min(seq) FROM oplog), {_LAST}"
+# A row from another store, if newer than the one here (a tombstone: tag -1, value NULL).
+SQL_APPLY_PUT = (
+    "INSERT INTO entries(key, tag, value, expire_at, size, hlc, node) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET tag = excluded.tag, value = excluded.value, "
+    "expire_at = excluded.expire_at, size = excluded.size, hlc = excluded.hlc, "
+    "node = excluded.node WHERE (entries.hlc, entries.node) < (excluded.hlc, excluded.node)"
+)
+SQL_APPLY_TOUCH = ("UPDATE entries SET expire_at = ?, hlc = ?, node = ? "
+                   "WHERE key = ? AND tag != -1 AND (hlc, node) < (?, ?)")
+SQL_APPLY_CLEAR = "DELETE FROM entries WHERE (hlc, node) < (?, ?)"
+SQL_SNAPSHOT = ("SELECT key, tag, value, expire_at, hlc, node FROM entries "
+                "WHERE key > ? AND (expire_at IS NULL OR expire_at > ?) ORDER BY key LIMIT ?")
+SQL_RANGE_OLD = "SELECT key FROM entries WHERE key > ? AND hlc <= ?"
+SQL_RANGE_OLD_UPTO = "SELECT key FROM entries WHERE key > ? AND key <= ? AND hlc <= ?"
+SQL_DELETE_KEY = "DELETE FROM entries WHERE key = ?"
+SQL_LIVE = ("SELECT key, tag, value, expire_at, hlc, node FROM entries "
+            "WHERE tag != -1 AND (expire_at IS NULL OR expire_at > ?) ORDER BY key")
+# an acknowledgement moves a position forward only (acks may arrive out of order), unless
+# it counts in another database's oplog (the source was recreated: a new count)
+SQL_PEER_ACK = (
+    "INSERT INTO peers(peer, acked, source, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(peer) DO UPDATE SET acked = CASE WHEN peers.source = excluded.source "
+    "THEN max(peers.acked, excluded.acked) ELSE excluded.acked END, "
+    "source = excluded.source, updated_at = excluded.updated_at"
+)
+SQL_PEER_SET = "INSERT OR REPLACE INTO peers(peer, acked, source, updated_at) VALUES (?, ?, ?, ?)"
+SQL_PEERS = "SELECT peer, acked, source, updated_at FROM peers ORDER BY peer"
+SQL_PEER_GET = "SELECT peer, acked, source, updated_at FROM peers WHERE peer = ?"
+SQL_PEER_FORGET = "DELETE FROM peers WHERE peer = ?"
+
+_NO_KEY = ""  # below every key (keys are non-empty)
+SKEW_WARNING_SECONDS = 60.0  # a version this far ahead of the wall clock is logged
+
+log = logging.getLogger("hypercacheio.replication")
+
+
+# ---- the version of the last clear ----------------------------------------------------------
+
+def cleared(conn: sqlite3.Connection) -> tuple[int, str]:
+    """The version of the store's last clear ((0, "") if never)."""
+    hlc = conn.execute(SQL_META_GET, ("cleared_hlc",)).fetchone()
+    node = conn.execute(SQL_META_GET, ("cleared_node",)).fetchone()
+    return (int(hlc[0]) if hlc else 0), (str(node[0]) if node else "")
+
+
+def set_cleared(txn: Txn, hlc: int, node: str) -> bool:
+    """Record a clear's version if newer than the last one; True if it was."""
+    if (hlc, node) <= cleared(txn.conn):
+        return False
+    txn.conn.execute(SQL_META_SET, (hlc, "cleared_hlc"))
+    txn.conn.execute(SQL_META_SET, (node, "cleared_node"))
+    return True
+
+
+# ---- reading the oplog -----------------------------------------------------------------------
+
+def oplog_since(store: Store, seq: int, limit: int) -> list[Record]:
+    """The oplog rows after ``seq``, oldest first, at most ``limit``."""
+    conn = store._lease()
+    try:
+        return [Record._make(row) for row in conn.execute(SQL_OPLOG_SINCE, (seq, limit))]
+    except sqlite3.Error as exc:
+        raise storage_error(exc, store.path, "read the oplog", store.busy_timeout) from exc
+    finally:
+        conn.busy -= 1
+
+
+def oplog_bounds(store: Store) -> OplogBounds:
+    oldest, last = store._read_one(SQL_OPLOG_BOUNDS, (), "read the oplog")
+    last = int(last)
+    return OplogBounds(last + 1 if oldest is None else int(oldest), last)
+
+
+def can_resume(store: Store, acked: int) -> bool:
+    """Whether a peer at ``acked`` (in this database's oplog) can catch up from the oplog."""
+    bounds = oplog_bounds(store)
+    return bounds.oldest - 1 <= acked <= bounds.last
+
+
+# ---- applying records ----------------------------------------------------------------------
+
+def _version(record: Record) -> tuple[int, str]:
+    return record.hlc, record.node
+
+
+def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
+          ack: tuple[str, str] | None = None) -> ApplyResult:
+    """Apply another store's records in one transaction (see the module's notes).
+
+    ``relay`` also writes each applied record to this store's oplog (with its origin's
+    version), for a node that passes records on; by default applied records are not
+    logged again (no echo). ``ack=(peer, source)`` records the highest ``seq`` of the batch
+    as the position applied from ``peer`` (database id ``source``) in the same transaction.
+    An unknown op raises ``ReplicationError`` and applies nothing.
+    """
+    batch = sorted(records, key=_version)  # a touch comes after the write it follows
+    for record in batch:
+        _check(record)
+    if not batch:
+        return ApplyResult(0, 0)
+    top = max(record.hlc for record in batch)
+    if top > wall_hlc(store.clock() + SKEW_WARNING_SECONDS):
+        log.warning("%s: a replicated version is %.0f s ahead of this host's clock (node %s); "
+                    "check the clocks of the hosts", store.directory,
+                    ((top >> 16) / 1000) - store.clock(), _printable(batch[-1].node))
+    applied = skipped = 0
+    with store.transaction() as txn:
+        conn = txn.conn
+        floor = cleared(conn)
+        changed = txn.changed
+        for record in batch:
+            op, key, hlc, node = record.op, record.key, record.hlc, record.node
+            if (hlc, node) <= floor:
+                skipped += 1
+                continue
+            if op in (SET, INCR):
+                # incr: primary/secondary ships the resulting value (a set with its version)
+                value = record.value
+                assert key is not None and record.tag is not None and value is not None  # _check
+                done = conn.execute(SQL_APPLY_PUT, (
+                    key, record.tag, value, record.expire_at,
+                    len(key) + payload_size(value), hlc, node)).rowcount
+                txn.inserted += done
+            elif op == DELETE:
+                until = record.expire_at
+                if until is None:
+                    until = txn.now + TOMBSTONE_SECONDS
+                done = conn.execute(SQL_APPLY_PUT, (
+                    key, TAG_TOMBSTONE, None, until, 0, hlc, node)).rowcount
+            elif op == TOUCH:
+                done = conn.execute(SQL_APPLY_TOUCH, (
+                    record.expire_at, hlc, node, key, hlc, node)).rowcount
+            else:  # CLEAR
+                conn.execute(SQL_APPLY_CLEAR, (hlc, node))
+                set_cleared(txn, hlc, node)
+                floor = (hlc, node)
+                txn.everything = True
+                done = 1
+            if done > 0:
+                applied += 1
+                if key is not None:
+                    changed.append(key)
+                if relay:
+                    conn.execute(SQL_OPLOG, (op, key, record.tag, record.value,
+                                             record.expire_at, hlc, node, record.delta))
+            else:
+                skipped += 1
+        _observe(store, conn, top)
+        if ack is not None:
+            conn.execute(SQL_PEER_ACK, (ack[0], max(r.seq for r in batch), ack[1], txn.now))
+    return ApplyResult(applied, skipped)
+
+
+def _check(record: Record) -> None:
+    """The shape ``apply`` relies on (frames validate fully; this guards direct callers)."""
+    op = record.op
+    if type(record.hlc) is not int or record.hlc <= 0 or not record.node:
+        raise ReplicationError(f"a record needs a version and a node (seq {record.seq})")
+    if op == CLEAR:
+        return
+    if op not in (SET, INCR, DELETE, TOUCH):
+        raise ReplicationError(f"unknown replication op {op!r} (seq {record.seq})")
+    if type(record.key) is not str or not record.key:
+        raise ReplicationError(f"a {op} record needs a key (seq {record.seq})")
+    if op in (SET, INCR) and (record.tag not in TAGS or record.value is None):
+        raise ReplicationError(f"a {op} record needs a tag and a value (seq {record.seq})")
+
+
+def _printable(node: str) -> str:
+    return node if node.isprintable() and len(node) <= 64 else repr(node[:64])
+
+
+def _observe(store: Store, conn: sqlite3.Connection, remote: int) -> None:
+    """Inside a write transaction: later local versions stamp beyond ``remote``."""
+    store._clock.observe(remote)
+    conn.execute(SQL_OBSERVE, (remote, remote))  # survives a reboot
+
+
+# ---- snapshots -----------------------------------------------------------------------------
+
+def snapshot_begin(store: Store) -> SnapshotStart:
+    """Where a snapshot starts: a version taken under the write lock, so every write
+    committed so far is at or below ``position`` and ``hlc``, and every later one above
+    both."""
+    with store.transaction() as txn:
+        position = int(txn.conn.execute(SQL_OPLOG_LAST).fetchone()[0])
+        hlc, node = cleared(txn.conn)
+        return SnapshotStart(position, txn.hlc, store.node_id, hlc, node)
+
+
+def snapshot_chunk(store: Store, start: SnapshotStart, after: str | None,
+                   limit: int) -> SnapshotChunk:
+    """Up to ``limit`` rows and tombstones after the key ``after``, in key order (one short
+    read: writes go on between chunks)."""
+    if limit < 1:
+        raise ValueError(f"snapshot chunk limit must be at least 1, got {limit}")
+    conn = store._lease()
+    try:
+        rows = [SnapshotRow._make(row) for row in conn.execute(
+            SQL_SNAPSHOT, (after or _NO_KEY, store.clock(), limit))]
+    except sqlite3.Error as exc:
+        raise storage_error(exc, store.path, "read a snapshot", store.busy_timeout) from exc
+    finally:
+        conn.busy -= 1
+    return SnapshotChunk(start, after, rows, len(rows) < limit)
+
+
+def snapshot_chunks(store: Store, start: SnapshotStart, limit: int = 1000,
+                    after: str | None = None) -> Iterator[SnapshotChunk]:
+    """Every chunk from ``after`` on, the last one ``done``."""
+    while True:
+        chunk = snapshot_chunk(store, start, after, limit)
+        yield chunk
+        if chunk.done:
+            return
+        after = chunk.rows[-1].key
+
+
+def apply_snapshot(store: Store, chunk: SnapshotChunk, *, ack: str | None = None) -> ApplyResult:
+    """Apply a snapshot chunk: its rows by last writer wins, and the key range it covers
+    replaced, so a row here that the source did not hold at the snapshot's start (deleted
+    there long ago, or never written) goes. Rows newer than the start stay: they came from
+    the source's oplog since.
+
+    ``ack=peer``: the last chunk records ``start.position`` as the position applied from
+    ``peer`` (replacing any position from it, in any source's oplog).
+    """
+    start = chunk.start
+    applied = skipped = 0
+    with store.transaction() as txn:
+        conn = txn.conn
+        if set_cleared(txn, start.cleared_hlc, start.cleared_node):  # the source's clear
+            conn.execute(SQL_APPLY_CLEAR, (start.cleared_hlc, start.cleared_node))
+            txn.everything = True
+        floor = cleared(conn)
+        keys = set()
+        top = start.hlc
+        for row in chunk.rows:
+            keys.add(row.key)
+            top = max(top, row.hlc)
+            if (row.hlc, row.node) <= floor:
+                skipped += 1
+                continue
+            value = row.value
+            size = 0 if value is None else len(row.key) + payload_size(value)
+            if conn.execute(SQL_APPLY_PUT, (row.key, row.tag, value, row.expire_at, size,
+                                            row.hlc, row.node)).rowcount > 0:
+                applied += 1
+                txn.changed.append(row.key)
+                txn.inserted += row.tag != TAG_TOMBSTONE
+            else:
+                skipped += 1
+        after = chunk.after or _NO_KEY
+        if chunk.done:
+            old = conn.execute(SQL_RANGE_OLD, (after, start.hlc))
+        else:
+            old = conn.execute(SQL_RANGE_OLD_UPTO, (after, chunk.rows[-1].key, start.hlc))
+        stale = [key for (key,) in old if key not in keys]
+        conn.executemany(SQL_DELETE_KEY, [(key,) for key in stale])
+        txn.changed.extend(stale)
+        _observe(store, conn, top)
+        if ack is not None and chunk.done:
+            conn.execute(SQL_PEER_SET, (ack, start.position, start.source, txn.now))
+    return ApplyResult(applied, skipped)
+
+
+# ---- replication positions -----------------------------------------------------------------
+
+def peer_ack(store: Store, peer: str, seq: int, source: str | None = None) -> PeerPosition:
+    """Record that ``peer`` acknowledged ``seq`` (of ``source``'s oplog, by default this
+    database's); positions only move forward, except into another source's oplog."""
+    if not peer:
+        raise ValueError("peer must be a non-empty id or URL")
+    if seq < 0:
+        raise ValueError(f"an acknowledged position cannot be negative, got {seq}")
+    with store.transaction() as txn:
+        txn.conn.execute(SQL_PEER_ACK, (peer, seq, source or store.node_id, txn.now))
+        row = txn.conn.execute(SQL_PEER_GET, (peer,)).fetchone()
+    return PeerPosition._make(row)
+
+
+def peer_positions(store: Store) -> list[PeerPosition]:
+    conn = store._lease()
+    try:
+        return [PeerPosition._make(row) for row in conn.execute(SQL_PEERS)]
+    except sqlite3.Error as exc:
+        raise storage_error(exc, store.path, "read the peer positions",
+                            store.busy_timeout) from exc
+    finally:
+        conn.busy -= 1
+
+
+def peer_position(store: Store, peer: str) -> PeerPosition | None:
+    row = store._read_one(SQL_PEER_GET, (peer,), "read a peer position")
+    return None if row is None else PeerPosition._make(row)
+
+
+def peer_forget(store: Store, peer: str) -> bool:
+    """Drop a peer's position (it no longer holds the oplog back); True if it had one."""
+    with store.transaction() as txn:
+        return bool(txn.conn.execute(SQL_PEER_FORGET, (peer,)).rowcount > 0)
+
+
+# ---- the digest of the live rows -----------------------------------------------------------
+
+_HEAD = struct.Struct("<IbI")
+
+
+def _payload_bytes(value: Any) -> bytes:
+    if isinstance(value, int):
+        return b"i%d" % value
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8", "surrogatepass")
+    return b"b" + bytes(value)
+
+
+def live_digest(store: Store, now: float | None = None,
+                versions: bool = False) -> tuple[int, str]:
+    """(count, hex digest) of the live rows at ``now`` (default: the store's clock): key,
+    tag, value and expiry, and with ``versions`` each row's (hlc, node). Two stores with
+    the same digest hold the same live rows."""
+    moment = store.clock() if now is None else now
+    digest = hashlib.blake2b(digest_size=20)
+    count = 0
+    conn = store._lease()
+    try:
+        for key, tag, value, expire_at, hlc, node in conn.execute(SQL_LIVE, (moment,)):
+            raw_key = key.encode("utf-8", "surrogatepass")
+            raw_value = _payload_bytes(value)
+            digest.update(_HEAD.pack(len(raw_key), tag, len(raw_value)))
+            digest.update(raw_key)
+            digest.update(raw_value)
+            digest.update(b"N" if expire_at is None else struct.pack("<d", expire_at))
+            if versions:
+                digest.update(b"%d/%s;" % (hlc, node.encode()))
+            count += 1
+    except sqlite3.Error as exc:
+        raise storage_error(exc, store.path, "read the live rows", store.busy_timeout) from exc
+    finally:
+        conn.busy -= 1
+    return count, digest.hexdigest()
+
+
+# ---- the methods of Store -------------------------------------------------------------------
+
+
+def _store(methods: Replication) -> Store:
+    return cast("Store", methods)  # Replication is only ever a base of Store
+
+
+class Replication:
+    """The replication methods of ``Store`` (a base class of it; the work is above)."""
+
+    def oplog_since(self, seq: int, limit: int = 500) -> list[Record]:
+        """The oplog rows after position ``seq``, oldest first, at most ``limit``."""
+        return oplog_since(_store(self), seq, limit)
+
+    def oplog_position(self) -> int:
+        """The seq of the last oplog row written (0 if none ever was)."""
+        return oplog_bounds(_store(self)).last
+
+    def oplog_bounds(self) -> OplogBounds:
+        """(oldest seq still kept, last seq written)."""
+        return oplog_bounds(_store(self))
+
+    def can_resume(self, acked: int) -> bool:
+        """Whether a peer that acknowledged ``acked`` of this oplog can catch up from it
+        (else it needs a snapshot)."""
+        return can_resume(_store(self), acked)
+
+    def apply(self, records: Iterable[Record], *, relay: bool = False,
+              ack: tuple[str, str] | None = None) -> ApplyResult:
+        """Apply another store's records: one transaction, last writer wins on (hlc, node),
+        tombstones for deletes, the clock moved past every version seen. Applied records
+        are not logged here again unless ``relay``; ``ack=(peer, source database id)``
+        records the batch's last seq as the position applied from that peer."""
+        return apply(_store(self), records, relay=relay, ack=ack)
+
+    def snapshot_begin(self) -> SnapshotStart:
+        """Take the oplog position (and version) a snapshot starts at: before its first
+        chunk, so that its chunks then the oplog from ``position`` converge."""
+        return snapshot_begin(_store(self))
+
+    def snapshot_chunk(self, start: SnapshotStart, after: str | None,
+                       limit: int = 1000) -> SnapshotChunk:
+        """Up to ``limit`` live rows and tombstones after key ``after``, in key order."""
+        return snapshot_chunk(_store(self), start, after, limit)
+
+    def snapshot_chunks(self, start: SnapshotStart, limit: int = 1000,
+                        after: str | None = None) -> Iterator[SnapshotChunk]:
+        """Every chunk after key ``after``; the last one is ``done``."""
+        return snapshot_chunks(_store(self), start, limit, after)
+
+    def apply_snapshot(self, chunk: SnapshotChunk, *, ack: str | None = None) -> ApplyResult:
+        """Apply a snapshot chunk (rows by last writer wins; the key range it covers
+        replaced); with ``ack=peer`` the last chunk records the snapshot's position."""
+        return apply_snapshot(_store(self), chunk, ack=ack)
+
+    def peer_ack(self, peer: str, seq: int, source: str | None = None) -> PeerPosition:
+        """Persist that ``peer`` acknowledged ``seq`` of ``source``'s oplog (default: this
+        database's, whose unacknowledged rows it then keeps, up to the tombstone window)."""
+        return peer_ack(_store(self), peer, seq, source)
+
+    def peer_positions(self) -> list[PeerPosition]:
+        """Every persisted replication position, by peer."""
+        return peer_positions(_store(self))
+
+    def peer_position(self, peer: str) -> PeerPosition | None:
+        return peer_position(_store(self), peer)
+
+    def peer_forget(self, peer: str) -> bool:
+        """Drop a peer's position (its unacknowledged oplog rows are no longer kept)."""
+        return peer_forget(_store(self), peer)
+
+    def live_digest(self, now: float | None = None, *,
+                    versions: bool = False) -> tuple[int, str]:
+        """(count, digest) of the live rows at ``now``: equal on two stores that hold the
+        same live keys, values and expiries (and versions, with ``versions``)."""
+        return live_digest(_store(self), now, versions)
+
+    def checksum(self, now: float | None = None, *, versions: bool = False) -> str:
+        """The digest of ``live_digest`` alone."""
+        return live_digest(_store(self), now, versions)[1]
