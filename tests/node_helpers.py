@@ -65,7 +65,8 @@ class Node:
 
     def __init__(self, directory: str, *, token: str = TOKEN, unix_socket: str | None = None,
                  tls: tuple[str, str] | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None,
+                 nofile: int | None = None) -> None:
         self.directory = directory
         self.token = token
         self.port = free_port()
@@ -79,6 +80,7 @@ class Node:
         self.env = node_env(directory, self.port, token, extra)
         self.log_file = self.env["HYPERCACHEIO_NODE_LOG_FILE"]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.nofile = nofile  # the soft open-file limit the node starts with (None: ours)
 
     @property
     def url(self) -> str:
@@ -90,11 +92,26 @@ class Node:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hypercacheio.cli", "node", "run", "--quiet"],
             env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self.directory, "node.stderr"), "ab"))  # noqa: SIM115
+            stderr=open(os.path.join(self.directory, "node.stderr"), "ab"),  # noqa: SIM115
+            preexec_fn=self._limits if self.nofile is not None else None)
         if not wait_until(self._answers, timeout):
             self.kill()
             raise RuntimeError(f"node did not answer on {self.url}; log:\n{self.log()}")
         return self
+
+    def _limits(self) -> None:
+        import resource
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, hard))
+
+    def metric(self, name: str) -> float:
+        """One figure of ``/metrics`` (``hypercacheio_NAME``)."""
+        text = self.request("GET", "/metrics")[2].decode()
+        for line in text.splitlines():
+            if line.startswith(f"hypercacheio_{name} "):
+                return float(line.split()[1])
+        raise KeyError(name)
 
     def _answers(self) -> bool:
         assert self.proc is not None

@@ -131,7 +131,7 @@ def test_l1_is_bounded(cache_dir: str) -> None:
         c.set(f"k{i}", i)
         c.get(f"k{i}")
     assert c.stats()["l1_items"] == 3
-    assert set(c._l1_data or {}) == {"k7", "k8", "k9"}
+    assert c._l1 is not None and set(c._l1.data) == {"k7", "k8", "k9"}
     assert c.get("k0") == 0  # evicted from L1, still in the store
 
 
@@ -214,3 +214,42 @@ def test_l1_disabled(cache_dir: str) -> None:
         assert c.get("k") == 1
     st = c.stats()
     assert st["l1_hits"] == 0 and st["l1_items"] == 0 and st["hits"] == 3
+
+
+def test_l1_is_bounded_in_bytes_and_clear_frees_them(cache_dir: str) -> None:
+    bound = 1024 * 1024
+    c = Cache(cache_dir, l1_max_bytes=bound)
+    values = {f"big{i}": (b"b" * 100_000 if i % 3 == 0 else "s" * 100_000 if i % 3 == 1
+                          else {"blob": b"d" * 100_000, "i": i}) for i in range(60)}
+    for key, value in values.items():
+        c.set(key, value)
+    for _ in range(2):
+        for key, value in values.items():
+            assert c.get(key) == value
+            assert c.stats()["l1_bytes"] <= bound
+    st = c.stats()
+    assert bound / 2 < st["l1_bytes"] <= bound and 0 < st["l1_items"] < 60
+    assert c._l1 is not None
+    assert st["l1_bytes"] == sum(entry[5] for entry in c._l1.data.values())
+    c.delete("big59")
+    assert c.stats()["l1_bytes"] == sum(entry[5] for entry in c._l1.data.values())
+    c.clear()
+    assert c.stats()["l1_bytes"] == 0 and c.stats()["l1_items"] == 0
+
+
+def test_value_larger_than_the_byte_bound_is_not_kept(cache_dir: str) -> None:
+    c = Cache(cache_dir, l1_max_bytes=1000)
+    c.set("small", "x" * 10)
+    c.set("large", "x" * 2000)
+    assert c.get("small") == "x" * 10 and c.get("large") == "x" * 2000
+    assert c._l1 is not None and set(c._l1.data) == {"small"}
+
+
+def test_l1_max_bytes_from_the_environment() -> None:
+    from hypercacheio.config import Settings
+    from hypercacheio.errors import ConfigError
+
+    assert Settings().l1_max_bytes == 32 * 1024 * 1024
+    assert Settings.from_env({"HYPERCACHEIO_L1_MAX_BYTES": "1048576"}).l1_max_bytes == 1 << 20
+    with pytest.raises(ConfigError, match="l1_max_bytes"):
+        Settings(l1_max_bytes=-1)

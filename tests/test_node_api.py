@@ -204,8 +204,8 @@ def test_openapi_document_is_served_without_token(node: Node) -> None:
 
 
 def test_every_route_is_in_the_openapi_document() -> None:
-    from hypercacheio.node.api import ROUTES
     from hypercacheio.node.openapi import document
+    from hypercacheio.node.routing import ROUTES
 
     paths = document("x")["paths"]
     for method, path, _handler, name in ROUTES:

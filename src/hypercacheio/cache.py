@@ -6,15 +6,16 @@ import hashlib
 import logging
 import pickle
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
 from . import codec
-from .codec import TAG_PICKLE, UndecodableValue, check_key, decode, encode
+from .codec import TAG_INT, TAG_PICKLE, UndecodableValue, check_key, decode, encode
 from .config import Settings
-from .l1 import ABSENT, L1, slot_of
+from .l1 import ABSENT, L1
 from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock, StoreLocks
 from .store import Store
 
@@ -24,6 +25,20 @@ MISSING: Any = object()  # "argument not given" / "no value"; None is a value
 T = TypeVar("T")
 _NEVER = float("inf")
 _GONE = object()  # a ttl <= 0: store nothing, remove the key
+
+
+def _store_path(cache: Cache) -> Callable[[str, Any], Any]:
+    """``cache._get_from_store`` through a weak reference: the L1 holds it, and a cycle
+    would keep a dropped Cache (its connections, its mapped file) alive until a GC pass."""
+    ref = weakref.ref(cache)
+
+    def fill(key: str, default: Any) -> Any:
+        owner = ref()
+        if owner is None:  # pragma: no cover - only its own L1 calls it
+            return default
+        return owner._get_from_store(key, default)
+
+    return fill
 
 
 class Cache:
@@ -71,32 +86,40 @@ class Cache:
             clustered=s.clustered, allow_network_fs=s.allow_network_fs, clock=clock,
         )
         self._locks = StoreLocks(self.store)
-        self._l1 = L1(self.store.tokens, s.l1_max_items, s.l1_max_age) if s.l1_max_items else None
-        self._l1_data = self._l1.data if self._l1 else None
-        self._tokens = self.store.tokens.tokens
-        # An L1 hit bumps only ``l1_hits``; ``hits`` and ``misses`` are derived (properties).
+        self._l1 = L1(self.store.tokens, s.l1_max_items, s.l1_max_age,
+                      max_bytes=s.l1_max_bytes, clock=clock,
+                      fill=_store_path(self)) if s.l1_max_items else None
+        if self._l1 is not None and type(self).get is Cache.get:
+            # ``get`` is the L1's own lookup (it calls ``_get_from_store`` on a miss): an L1
+            # hit then costs one Python call, not two. A subclass's ``get`` is kept.
+            self.__dict__["get"] = self._l1.get
         self._hits = 0  # found by the store path
         self._misses = 0  # missed by the store path
-        self.l1_hits = 0  # served by L1, found or known absent
-        self._l1_misses = 0  # served by L1 as known absent
+
+    @property
+    def l1_hits(self) -> int:
+        """Gets answered by L1 (a value, or a key known to be absent)."""
+        return self._l1.hits if self._l1 is not None else 0
 
     @property
     def hits(self) -> int:
         """Gets that found a value (from L1 or the store)."""
-        return self._hits + self.l1_hits - self._l1_misses
+        l1 = self._l1
+        return self._hits + (l1.hits - l1.absent_hits if l1 is not None else 0)
 
     @hits.setter
     def hits(self, value: int) -> None:
-        self._hits = value - (self.l1_hits - self._l1_misses)
+        l1 = self._l1
+        self._hits = value - (l1.hits - l1.absent_hits if l1 is not None else 0)
 
     @property
     def misses(self) -> int:
         """Gets that found nothing (from L1 or the store)."""
-        return self._misses + self._l1_misses
+        return self._misses + (self._l1.absent_hits if self._l1 is not None else 0)
 
     @misses.setter
     def misses(self, value: int) -> None:
-        self._misses = value - self._l1_misses
+        self._misses = value - (self._l1.absent_hits if self._l1 is not None else 0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Cache:
@@ -134,48 +157,31 @@ class Cache:
         return self._clock() + seconds
 
     def _forget_l1(self, key: str) -> None:
-        if self._l1_data is not None:
-            self._l1_data.pop(key, None)
+        if self._l1 is not None:
+            self._l1.discard(key)
 
     # ---- reads -----------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
-        """The value of ``key``, or ``default`` if it is missing or expired."""
-        # The L1 hit path is the hottest code of the package: one subscript, one unpack,
-        # the slot's token, the deadline, one counter (``hits`` is derived from it).
-        data = self._l1_data
-        if data is not None:
-            try:
-                value, slot, token, deadline, encoded = data[key]
-            except (KeyError, TypeError):  # not in L1 (unhashable: the store path says why)
-                pass
-            else:
-                if self._tokens[slot] == token and (deadline is None
-                                                    or deadline > self._clock()):
-                    self.l1_hits += 1
-                    if encoded is None:
-                        if value is not ABSENT:
-                            return value
-                        self._l1_misses += 1
-                        return default
-                    try:
-                        return decode(*encoded)
-                    except UndecodableValue:  # its class went away since: a miss
-                        self.l1_hits -= 1
-                        data.pop(key, None)
+        """The value of ``key``, or ``default`` if it is missing or expired.
+
+        With L1 on, ``__init__`` replaces this method on the instance by ``L1.get`` (the one
+        L1 lookup, shared with the node), which falls back to ``_get_from_store``.
+        """
+        if self._l1 is not None:
+            return self._l1.get(key, default)
         return self._get_from_store(key, default)
 
     def _get_from_store(self, key: str, default: Any) -> Any:
         full = self.prefix + check_key(key)  # self._key(key), one call less on the L2 path
         l1 = self._l1
         if l1 is not None:
-            slot = slot_of(full)
-            token = self._tokens[slot]  # read the token before the row (see l1.py)
+            slot, token = l1.token_of(full)  # the token before the row (see l1.py)
         row = self.store.get(full)
         if row is None:
             self._misses += 1
             if l1 is not None:
-                l1.put(key, slot, token, ABSENT, 0, None, None, self._clock())
+                l1.put(key, slot, token, ABSENT, TAG_INT, None, None)
             return default
         tag, payload, expire_at = row
         try:  # decode(), inlined for the commonest tag: this is the L2 read path
@@ -186,7 +192,7 @@ class Cache:
             return default
         self._hits += 1
         if l1 is not None:
-            l1.put(key, slot, token, value, tag, payload, expire_at, self._clock())
+            l1.put(key, slot, token, value, tag, payload, expire_at)
         return value
 
     def has(self, key: str) -> bool:
@@ -198,28 +204,14 @@ class Cache:
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """A dict of the keys that hold live values (missing keys are left out)."""
         keys = list(keys)
-        found: dict[str, Any] = {}
-        wanted: list[str] = []
         for key in keys:
             check_key(key)
-        data = self._l1_data
+        found: dict[str, Any] = {}
+        get = self.get  # per-key gets keep L1 filling and token order simple
         for key in keys:
-            entry = data.get(key) if data is not None else None
-            if entry is not None and self._tokens[entry[1]] == entry[2] \
-                    and (entry[3] is None or entry[3] > self._clock()):
-                self.l1_hits += 1
-                if entry[0] is not ABSENT:
-                    try:
-                        found[key] = decode(*entry[4]) if entry[4] is not None else entry[0]
-                    except UndecodableValue:  # its class went away since: ask the store
-                        wanted.append(key)
-            else:
-                wanted.append(key)
-        if wanted:
-            for key in wanted:  # per-key gets keep L1 filling and token order simple
-                value = self._get_from_store(key, MISSING)
-                if value is not MISSING:
-                    found[key] = value
+            value = get(key, MISSING)
+            if value is not MISSING:
+                found[key] = value
         return found
 
     def ttl(self, key: str) -> float | None:
@@ -413,7 +405,8 @@ class Cache:
             "hits": self.hits,
             "misses": self.misses,
             "l1_hits": self.l1_hits,
-            "l1_items": len(self._l1_data) if self._l1_data is not None else 0,
+            "l1_items": len(self._l1.data) if self._l1 is not None else 0,
+            "l1_bytes": self._l1.bytes if self._l1 is not None else 0,
         }
         out.update(self.store.stats())
         return out

@@ -55,10 +55,18 @@ VALUE_BODY = {"required": False, "description": "The value, raw.",
                                                                   "format": "binary"}},
                           "text/plain": {"schema": {"type": "string"}}}}
 
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+MSGPACK_BODY = {"required": True,
+                "description": "A msgpack map (see the description), whatever the Content-Type.",
+                "content": {p.MSGPACK_TYPE: BINARY, "application/octet-stream": BINARY}}
+
 COMMON = {"401": _error("Missing or wrong token; nothing changed."),
           "429": _error("Rate limit reached for this client address."),
           "503": _error("The node's storage failed.")}
 WITH_KEY = {"400": _error("Invalid key or parameter; nothing changed."), **COMMON}
+BATCH = {"400": _error("Not msgpack, an invalid key, type or payload, or more keys than "
+                       "the limit; nothing changed."),
+         "413": _error("Body larger than the node's value limit plus 64 KiB."), **COMMON}
 
 
 def _nullable(kind: str) -> dict[str, Any]:
@@ -93,6 +101,13 @@ SCHEMAS: dict[str, Any] = {
                    "properties": {"locked": {"type": "boolean"}, "owned": {"type": "boolean"},
                                   "fence": _nullable("integer"),
                                   "expires_at": _nullable("number")}},
+    "StoredMany": {"type": "object", "required": ["stored", "expires_at"],
+                   "properties": {"stored": {"type": "integer"},
+                                  "expires_at": _nullable("number")}},
+    "DeletedMany": {"type": "object", "required": ["deleted"],
+                    "properties": {"deleted": {"type": "integer"}}},
+    "TTL": {"type": "object", "required": ["ttl", "expires_at"],
+            "properties": {"ttl": _nullable("number"), "expires_at": _nullable("number")}},
     "Ping": {"type": "object", "required": ["ok"], "properties": {
         "ok": {"type": "boolean"}, "role": {"type": "string"}, "node_id": {"type": "string"},
         "version": {"type": "string"}, "pid": {"type": "integer"},
@@ -185,6 +200,53 @@ PATHS: dict[str, Any] = {
                                           "schema": {"type": "boolean"}}],
                    "responses": {"200": _json("Whether it was released.", "LockRelease"),
                                  **WITH_KEY}},
+    },
+    "/many/get": {
+        "post": {"operationId": "get_many", "summary": "Read many keys at once.",
+                 "description": "Body: a msgpack map `{\"keys\": [key, ...]}` (at most "
+                                f"{p.BATCH_MAX_KEYS} keys). Answer: a msgpack map "
+                                "`{\"values\": {key: [type, payload]}}` of the live keys; "
+                                "payload is the body a GET of that key answers with.",
+                 "requestBody": MSGPACK_BODY,
+                 "responses": {"200": {"description": "The live values.",
+                                       "content": {p.MSGPACK_TYPE: BINARY}}, **BATCH}},
+    },
+    "/many/set": {
+        "post": {"operationId": "set_many",
+                 "summary": "Store many values in one transaction (all or nothing).",
+                 "description": "Body: a msgpack map `{\"items\": [[key, type, payload], "
+                                "...], \"ttl\": seconds or nil}`; type as in "
+                                f"`{p.TYPE_HEADER}`, payload (msgpack bin) as the body of a "
+                                "single set. Every item is checked before anything is "
+                                "written. A ttl <= 0 removes the keys.",
+                 "requestBody": MSGPACK_BODY,
+                 "responses": {"200": _json("How many were stored.", "StoredMany"), **BATCH}},
+    },
+    "/many/delete": {
+        "post": {"operationId": "delete_many", "summary": "Remove many keys in one transaction.",
+                 "description": "Body: a msgpack map `{\"keys\": [key, ...]}`.",
+                 "requestBody": MSGPACK_BODY,
+                 "responses": {"200": _json("How many held live values.", "DeletedMany"),
+                               **BATCH}},
+    },
+    "/pull/{key}": {
+        "parameters": [KEY],
+        "post": {"operationId": "pull", "summary": "Read and remove a value in one transaction.",
+                 "responses": {"200": {"description": "The value as the raw body (as GET).",
+                                       "headers": {p.TYPE_HEADER: {
+                                           "description": "The value's type.", "required": True,
+                                           "schema": {"type": "string",
+                                                      "enum": list(p.TYPE_TAGS)}}, **EXPIRES},
+                                       "content": {"application/octet-stream": BINARY,
+                                                   "text/plain": {"schema": {
+                                                       "type": "string"}}}},
+                               "404": _error("No live value under this key."), **WITH_KEY}},
+    },
+    "/ttl/{key}": {
+        "parameters": [KEY],
+        "get": {"operationId": "ttl", "summary": "Seconds left before a key expires.",
+                "responses": {"200": _json("Seconds left (null: never expires).", "TTL"),
+                              "404": _error("No live value under this key."), **WITH_KEY}},
     },
     "/ping": {
         "get": {"operationId": "ping",

@@ -10,8 +10,9 @@ numbers) is JSON.
 from __future__ import annotations
 
 from .. import codec
+from ..config import API_PATH
 
-PREFIX = "/api/hypercacheio"
+PREFIX = API_PATH
 TOKEN_HEADER = "X-Hypercacheio-Token"
 TYPE_HEADER = "X-Hypercacheio-Type"
 TTL_HEADER = "X-Hypercacheio-TTL"
@@ -52,3 +53,8 @@ def body_to_payload(tag: int, body: bytes) -> codec.Payload:
     if tag == codec.TAG_STR:
         return body.decode("utf-8")
     return body
+
+
+# The batch routes (node/batch.py): msgpack bodies, each value as [type name, payload body].
+MSGPACK_TYPE = "application/msgpack"
+BATCH_MAX_KEYS = 1000  # keys per batch request; a client splits reads into such slices
