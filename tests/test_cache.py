@@ -429,3 +429,11 @@ def test_mutating_an_object_inside_a_returned_frozenset_changes_nothing(
     box.value = 2
     again = cache.get("k")
     assert next(iter(again if isinstance(again, frozenset) else again[0])).value == 1
+
+
+def test_a_cache_used_without_a_name_reads(cache_dir: str) -> None:
+    """Regression: ``Cache(d).get(k)`` dropped its Cache before the L1 miss reached the
+    store (the L1 called back through a weak reference) and answered None."""
+    Cache(cache_dir).set("k", "v")
+    assert Cache(cache_dir).get("k") == "v"
+    assert Cache(cache_dir, l1_max_items=0).get("k") == "v"

@@ -27,18 +27,51 @@ _NEVER = float("inf")
 _GONE = object()  # a ttl <= 0: store nothing, remove the key
 
 
-def _store_path(cache: Cache) -> Callable[[str, Any], Any]:
-    """``cache._get_from_store`` through a weak reference: the L1 holds it, and a cycle
-    would keep a dropped Cache (its connections, its mapped file) alive until a GC pass."""
-    ref = weakref.ref(cache)
+def _no_l1() -> None:
+    return None
 
-    def fill(key: str, default: Any) -> Any:
-        owner = ref()
-        if owner is None:  # pragma: no cover - only its own L1 calls it
+
+class _StoreReader:
+    """The L2 read path of one Cache: what L1 calls on a miss, and ``get`` without L1.
+
+    It holds the store, the prefix, the L1 and the counters, never the Cache itself: the
+    L1 holds it, and the Cache's ``get`` is the L1's bound method, so a reference back to
+    the Cache would let ``Cache(d).get(k)`` run after its Cache is gone (with a weak
+    reference) or keep a dropped Cache alive until a GC pass (with a strong one). The L1
+    it fills is held weakly for the same reason (the L1 holds this reader).
+    """
+
+    __slots__ = ("store", "prefix", "l1", "hits", "misses")
+
+    def __init__(self, store: Store, prefix: str) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.l1: Callable[[], L1 | None] = _no_l1
+        self.hits = 0  # found by the store path
+        self.misses = 0  # missed by the store path
+
+    def __call__(self, key: str, default: Any) -> Any:
+        full = self.prefix + check_key(key)
+        l1 = self.l1()
+        if l1 is not None:
+            slot, token = l1.token_of(full)  # the token before the row (see l1.py)
+        row = self.store.get(full)
+        if row is None:
+            self.misses += 1
+            if l1 is not None:
+                l1.put(key, slot, token, ABSENT, TAG_INT, None, None)
             return default
-        return owner._get_from_store(key, default)
-
-    return fill
+        tag, payload, expire_at = row
+        try:  # decode(), inlined for the commonest tag: this is the L2 read path
+            value = pickle.loads(payload) if tag == TAG_PICKLE else decode(tag, payload)
+        except Exception as exc:  # what decode() calls UndecodableValue
+            log.warning("value of %r cannot be decoded (%s); treating it as a miss", key, exc)
+            self.misses += 1
+            return default
+        self.hits += 1
+        if l1 is not None:
+            l1.put(key, slot, token, value, tag, payload, expire_at)
+        return value
 
 
 class Cache:
@@ -86,15 +119,16 @@ class Cache:
             clustered=s.clustered, allow_network_fs=s.allow_network_fs, clock=clock,
         )
         self._locks = StoreLocks(self.store)
+        self._reader = reader = _StoreReader(self.store, self.prefix)
         self._l1 = L1(self.store.tokens, s.l1_max_items, s.l1_max_age,
                       max_bytes=s.l1_max_bytes, clock=clock,
-                      fill=_store_path(self)) if s.l1_max_items else None
+                      fill=reader) if s.l1_max_items else None
+        if self._l1 is not None:
+            reader.l1 = weakref.ref(self._l1)
         if self._l1 is not None and type(self).get is Cache.get:
-            # ``get`` is the L1's own lookup (it calls ``_get_from_store`` on a miss): an L1
+            # ``get`` is the L1's own lookup (it calls the store reader on a miss): an L1
             # hit then costs one Python call, not two. A subclass's ``get`` is kept.
             self.__dict__["get"] = self._l1.get
-        self._hits = 0  # found by the store path
-        self._misses = 0  # missed by the store path
 
     @property
     def l1_hits(self) -> int:
@@ -105,21 +139,21 @@ class Cache:
     def hits(self) -> int:
         """Gets that found a value (from L1 or the store)."""
         l1 = self._l1
-        return self._hits + (l1.hits - l1.absent_hits if l1 is not None else 0)
+        return self._reader.hits + (l1.hits - l1.absent_hits if l1 is not None else 0)
 
     @hits.setter
     def hits(self, value: int) -> None:
         l1 = self._l1
-        self._hits = value - (l1.hits - l1.absent_hits if l1 is not None else 0)
+        self._reader.hits = value - (l1.hits - l1.absent_hits if l1 is not None else 0)
 
     @property
     def misses(self) -> int:
         """Gets that found nothing (from L1 or the store)."""
-        return self._misses + (self._l1.absent_hits if self._l1 is not None else 0)
+        return self._reader.misses + (self._l1.absent_hits if self._l1 is not None else 0)
 
     @misses.setter
     def misses(self, value: int) -> None:
-        self._misses = value - (self._l1.absent_hits if self._l1 is not None else 0)
+        self._reader.misses = value - (self._l1.absent_hits if self._l1 is not None else 0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Cache:
@@ -166,34 +200,11 @@ class Cache:
         """The value of ``key``, or ``default`` if it is missing or expired.
 
         With L1 on, ``__init__`` replaces this method on the instance by ``L1.get`` (the one
-        L1 lookup, shared with the node), which falls back to ``_get_from_store``.
+        L1 lookup, shared with the node), which falls back to the store reader.
         """
         if self._l1 is not None:
             return self._l1.get(key, default)
-        return self._get_from_store(key, default)
-
-    def _get_from_store(self, key: str, default: Any) -> Any:
-        full = self.prefix + check_key(key)  # self._key(key), one call less on the L2 path
-        l1 = self._l1
-        if l1 is not None:
-            slot, token = l1.token_of(full)  # the token before the row (see l1.py)
-        row = self.store.get(full)
-        if row is None:
-            self._misses += 1
-            if l1 is not None:
-                l1.put(key, slot, token, ABSENT, TAG_INT, None, None)
-            return default
-        tag, payload, expire_at = row
-        try:  # decode(), inlined for the commonest tag: this is the L2 read path
-            value = pickle.loads(payload) if tag == TAG_PICKLE else decode(tag, payload)
-        except Exception as exc:  # what decode() calls UndecodableValue
-            log.warning("value of %r cannot be decoded (%s); treating it as a miss", key, exc)
-            self._misses += 1
-            return default
-        self._hits += 1
-        if l1 is not None:
-            l1.put(key, slot, token, value, tag, payload, expire_at)
-        return value
+        return self._reader(key, default)
 
     def has(self, key: str) -> bool:
         """True if ``key`` holds a live value."""
