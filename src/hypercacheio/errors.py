@@ -69,3 +69,12 @@ class ReplicationError(HypercacheioError, ValueError):
 class MalformedFrame(ReplicationError):
     """A replication frame does not decode or does not validate: wrong types, an unknown
     op, an invalid key, or over the size limits. Nothing of it is applied."""
+
+
+class FrameTooLarge(MalformedFrame):
+    """A replication frame is over the size limit; the connection carrying it is closed."""
+
+
+class HandshakeError(HypercacheioError, ConnectionError):
+    """A replication peer was refused: wrong protocol version, cluster id or token proof,
+    our own node id, or no complete handshake in time. Nothing from it was applied."""
