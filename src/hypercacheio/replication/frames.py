@@ -3,11 +3,16 @@
 A frame is one msgpack map (the transport adds any length prefix)::
 
     {"v": 1, "kind": "batch", "source": node_id,
-     "records": [[seq, op, key, tag, value, expire_at, hlc, node, delta], ...]}
+     "records": [[seq, op, key, tag, value, expire_at, hlc, node, delta,
+                  origin_seq, base_hlc, base_node, total], ...]}
     {"v": 1, "kind": "snapshot",
-     "start": [position, hlc, source, cleared_hlc, cleared_node],
+     "start": [position, hlc, source, cleared_hlc, cleared_node, [[origin, seq], ...]],
      "after": key | None, "done": bool,
-     "rows": [[key, tag, value, expire_at, hlc, node], ...]}
+     "rows": [[key, tag, value, expire_at, hlc, node], ...],
+     "counters": [[key, origin, base_hlc, base_node, total, origin_seq, expire_at], ...]}
+
+A record of 9 fields (no origin sequence, no contribution), a start of 5 fields and a
+chunk without ``counters`` are also read (what this format was before active-active).
 
 Values travel as they are stored, with their codec tag: an int as an int, ``str`` as a
 msgpack str, ``bytes`` and pickles as msgpack bin. Nothing here ever unpickles.
@@ -43,6 +48,7 @@ from .records import (
     OPS,
     SET,
     TOUCH,
+    CounterRow,
     Record,
     SnapshotChunk,
     SnapshotRow,
@@ -76,9 +82,11 @@ def encode_batch(source: str, records: Sequence[Record]) -> bytes:
 
 
 def encode_snapshot_chunk(chunk: SnapshotChunk) -> bytes:
+    start = [*chunk.start[:5], [list(pair) for pair in chunk.start.vector]]
     return msgpack.packb({
-        "v": FRAME_VERSION, "kind": "snapshot", "start": list(chunk.start),
+        "v": FRAME_VERSION, "kind": "snapshot", "start": start,
         "after": chunk.after, "done": chunk.done, "rows": [list(row) for row in chunk.rows],
+        "counters": [list(c) for c in chunk.counters],
     }, use_bin_type=True)
 
 
@@ -166,9 +174,12 @@ def _show(value: Any) -> str:
 
 def _record(item: Any, index: int) -> Record:
     where = f"record {index}"
-    if type(item) is not list or len(item) != 9:
-        _bad(f"{where} must be an array of 9 fields")
-    seq, op, key, tag, value, expire_at, hlc, node, delta = item
+    if type(item) is not list or len(item) not in (9, 13):
+        _bad(f"{where} must be an array of 9 or 13 fields")
+    seq, op, key, tag, value, expire_at, hlc, node, delta = item[:9]
+    origin_seq, base_hlc, base_node, total = item[9:] if len(item) == 13 else (0, None, None,
+                                                                                None)
+    _int(origin_seq, f"{where}: origin_seq")
     _int(seq, f"{where}: seq", 1)
     if type(op) is not str or op not in OPS:
         _bad(f"{where}: unknown op {op if type(op) is str else _show(op)!r}")
@@ -177,9 +188,10 @@ def _record(item: Any, index: int) -> Record:
     _node(node, f"{where}: node")
     if op == CLEAR:
         for field, name in ((key, "key"), (tag, "tag"), (value, "value"),
-                            (expire_at, "expire_at"), (delta, "delta")):
+                            (expire_at, "expire_at"), (delta, "delta"), (base_hlc, "base_hlc"),
+                            (base_node, "base_node"), (total, "total")):
             _none(field, f"{where}: {name}")
-        return Record(seq, op, None, None, None, None, hlc, node, None)
+        return Record(seq, op, None, None, None, None, hlc, node, None, origin_seq)
     _key(key, f"{where}: key")
     _expiry(expire_at, f"{where}: expire_at")
     if op == SET:
@@ -190,11 +202,27 @@ def _record(item: Any, index: int) -> Record:
             _bad(f"{where}: tag must be {TAG_INT} (int), got {_show(tag)}")
         _payload(tag, value, where)
         _int(delta, f"{where}: delta", INT64_MIN)
+        if total is not None:  # an active-active contribution
+            _int(base_hlc, f"{where}: base_hlc")
+            _node(base_node, f"{where}: base_node", empty=True)
+            _int(total, f"{where}: total", INT64_MIN)
+            _int(origin_seq, f"{where}: origin_seq", 1)
+        else:
+            _none(base_hlc, f"{where}: base_hlc")
+            _none(base_node, f"{where}: base_node")
+        return Record(seq, op, key, tag, value, expire_at, hlc, node, delta, origin_seq,
+                      base_hlc, base_node, total)
     else:  # DELETE, TOUCH
         assert op in (DELETE, TOUCH)
-        for field, name in ((tag, "tag"), (value, "value"), (delta, "delta")):
+        for field, name in ((tag, "tag"), (value, "value"), (delta, "delta"),
+                            (base_hlc, "base_hlc"), (base_node, "base_node"),
+                            (total, "total")):
             _none(field, f"{where}: {name}")
-    return Record(seq, op, key, tag, value, expire_at, hlc, node, delta)
+    if op == SET:
+        for field, name in ((base_hlc, "base_hlc"), (base_node, "base_node"),
+                            (total, "total")):
+            _none(field, f"{where}: {name}")
+    return Record(seq, op, key, tag, value, expire_at, hlc, node, delta, origin_seq)
 
 
 def decode_batch(data: bytes, *, max_records: int = MAX_BATCH_RECORDS,
@@ -224,9 +252,33 @@ def _row(item: Any, index: int) -> SnapshotRow:
     else:
         _payload(tag, value, where)
         _expiry(expire_at, f"{where}: expire_at")
-    _int(hlc, f"{where}: hlc", 1)
-    _node(node, f"{where}: node")
+    _int(hlc, f"{where}: hlc")  # 0: a counter on a base never written (store/counters.py)
+    _node(node, f"{where}: node", empty=True)
     return SnapshotRow(key, tag, value, expire_at, hlc, node)
+
+
+def _counter(item: Any, index: int) -> CounterRow:
+    where = f"snapshot counter {index}"
+    if type(item) is not list or len(item) != 7:
+        _bad(f"{where} must be an array of 7 fields")
+    key, origin, base_hlc, base_node, total, origin_seq, expire_at = item
+    return CounterRow(_key(key, f"{where}: key"), _node(origin, f"{where}: origin"),
+                      _int(base_hlc, f"{where}: base_hlc"),
+                      _node(base_node, f"{where}: base_node", empty=True),
+                      _int(total, f"{where}: total", INT64_MIN),
+                      _int(origin_seq, f"{where}: origin_seq", 1),
+                      _expiry(expire_at, f"{where}: expire_at"))
+
+
+def _vector(value: Any) -> tuple[tuple[str, int], ...]:
+    if type(value) is not list or len(value) > 100_000:
+        _bad("start: the version vector must be an array of [origin, seq] pairs")
+    pairs = []
+    for pair in value:
+        if type(pair) is not list or len(pair) != 2:
+            _bad("start: the version vector must be an array of [origin, seq] pairs")
+        pairs.append((_node(pair[0], "start: vector origin"), _int(pair[1], "start: vector seq")))
+    return tuple(pairs)
 
 
 def decode_snapshot_chunk(data: bytes, *, max_rows: int = MAX_SNAPSHOT_ROWS,
@@ -234,17 +286,22 @@ def decode_snapshot_chunk(data: bytes, *, max_rows: int = MAX_SNAPSHOT_ROWS,
     """A snapshot frame, validated whole (rows in strictly increasing key order, after
     ``after``); ``MalformedFrame`` if anything in it is wrong."""
     frame = _unpack(data, "snapshot", max_bytes)
-    if set(frame) != {"v", "kind", "start", "after", "done", "rows"}:
-        _bad("a snapshot chunk has the fields v, kind, start, after, done, rows; "
+    fields = {"v", "kind", "start", "after", "done", "rows"}
+    if set(frame) not in (fields, fields | {"counters"}):
+        _bad("a snapshot chunk has the fields v, kind, start, after, done, rows, counters; "
              f"got {sorted(map(str, frame))}")
     start = frame["start"]
-    if type(start) is not list or len(start) != 5:
-        _bad("start must be an array of 5 fields")
-    position, hlc, source, cleared_hlc, cleared_node = start
+    if type(start) is not list or len(start) not in (5, 6):
+        _bad("start must be an array of 5 or 6 fields")
+    position, hlc, source, cleared_hlc, cleared_node = start[:5]
     begin = SnapshotStart(_int(position, "start: position"), _int(hlc, "start: hlc"),
                           _node(source, "start: source"),
                           _int(cleared_hlc, "start: cleared_hlc"),
-                          _node(cleared_node, "start: cleared_node", empty=True))
+                          _node(cleared_node, "start: cleared_node", empty=True),
+                          _vector(start[5]) if len(start) == 6 else ())
+    raw_counters = frame.get("counters", [])
+    if type(raw_counters) is not list or len(raw_counters) > max_rows * 64:
+        _bad("counters must be an array (of at most 64 per row allowed)")
     after = frame["after"]
     if after is not None:
         _key(after, "after")
@@ -264,7 +321,8 @@ def decode_snapshot_chunk(data: bytes, *, max_rows: int = MAX_SNAPSHOT_ROWS,
         if previous is not None and row.key <= previous:
             _bad(f"snapshot row {i}: keys must be in increasing order after {after!r}")
         previous = row.key
-    return SnapshotChunk(begin, after, rows, done)
+    found = tuple(_counter(item, i) for i, item in enumerate(raw_counters))
+    return SnapshotChunk(begin, after, rows, done, found)
 
 
 __all__ = [

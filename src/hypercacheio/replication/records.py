@@ -10,11 +10,21 @@ What each op means for a replica (last writer wins on the version ``(hlc, node)`
 - ``set`` (``set``, ``set_many``, ``add``): the row ``key, tag, value, expire_at``.
 - ``incr`` (``incr``/``decr``): ``value`` is the resulting value (tag int) with the row's
   ``expire_at``, ``delta`` the increment. Primary/secondary applies it as a ``set`` of the
-  resulting value; active-active will add deltas.
+  resulting value. Active-active (a store marked ``multi_writer``) also fills ``base_hlc``,
+  ``base_node`` and ``total``: the origin's whole contribution to the counter since its
+  base (``hypercacheio.store.counters`` states the rule), applied as a contribution, not a
+  set; ``expire_at`` is then the expiry the origin gave the counter.
 - ``delete`` (``delete``, ``delete_many``, ``pull``): a tombstone until ``expire_at`` (the end
   of the tombstone window), also where the key is unknown, so a late ``set`` cannot
   resurrect it.
 - ``touch``: a new ``expire_at`` for a live row, if the touch is newer than the row.
+  (Active-active logs a touch as a ``set`` of the touched row: it starts a new counter base.)
+
+Every record also carries ``origin_seq``: the origin's own sequence number of the write
+(``node`` is the origin), dense per origin, kept when a catch-up source relays it. A store
+keeps per origin what it has applied (its version vector, ``Store.version_vector``), so a
+duplicate or a replay is a no-op wherever it comes from; 0 means "no origin sequence"
+(records built by hand, e.g. a forwarded write's answer).
 - ``clear``: every row older than the clear goes; no older write is applied after it.
 
 Not replicated, by design: evictions (``max_entries``, ``max_bytes``: what a cache keeps is a
@@ -45,6 +55,22 @@ class Record(NamedTuple):
     hlc: int  # version of the write ...
     node: str  # ... and the node it was first written on
     delta: int | None = None  # incr: the increment
+    origin_seq: int = 0  # the origin's own sequence number (0: none)
+    base_hlc: int | None = None  # active-active incr: the version of the counter's base ...
+    base_node: str | None = None
+    total: int | None = None  # ... and the origin's whole contribution on it
+
+
+class CounterRow(NamedTuple):
+    """An origin's contribution to an active-active counter (``counters`` table)."""
+
+    key: str
+    origin: str
+    base_hlc: int
+    base_node: str
+    total: int
+    origin_seq: int
+    expire_at: float | None
 
 
 class SnapshotRow(NamedTuple):
@@ -68,6 +94,8 @@ class SnapshotStart(NamedTuple):
     source: str
     cleared_hlc: int
     cleared_node: str
+    # the source's version vector at the start: (origin, applied_seq) pairs
+    vector: tuple[tuple[str, int], ...] = ()
 
 
 class SnapshotChunk(NamedTuple):
@@ -78,6 +106,7 @@ class SnapshotChunk(NamedTuple):
     after: str | None
     rows: list[SnapshotRow]
     done: bool
+    counters: tuple[CounterRow, ...] = ()  # contributions to the counters of the range
 
 
 class ApplyResult(NamedTuple):
@@ -110,6 +139,6 @@ class PeerPosition(NamedTuple):
 
 
 __all__ = [
-    "CLEAR", "DELETE", "INCR", "OPS", "SET", "TOUCH", "ApplyResult", "OplogBounds",
+    "CLEAR", "DELETE", "INCR", "OPS", "SET", "TOUCH", "ApplyResult", "CounterRow", "OplogBounds",
     "PeerPosition", "Record", "SnapshotChunk", "SnapshotRow", "SnapshotStart",
 ]

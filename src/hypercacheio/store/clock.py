@@ -23,6 +23,9 @@ import mmap
 import os
 import sqlite3
 import stat
+import threading
+from collections.abc import Callable
+from typing import Protocol
 
 CLOCK_NAME = "hypercacheio.clock"
 CLOCK_BYTES = 4096
@@ -56,6 +59,12 @@ def _boot_words() -> tuple[int, int]:
     except (OSError, ValueError):
         raw = b"\0" * 16
     return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+
+class _ThreadNotes(Protocol):
+    """What ``stamping`` notes the version in: a store's per-thread state."""
+
+    _local: threading.local  # replaced at fork: read on each call, never kept
 
 
 class DatabaseClock:
@@ -95,12 +104,30 @@ class DatabaseClock:
         return self.next_from_wall(int(now * 1000) << 16)
 
     def next_from_wall(self, physical: int) -> int:
-        """``next`` for a wall-clock version (the SQL function ``hcio_hlc``)."""
+        """``next`` for a wall-clock version (``stamping`` is its SQL-function form)."""
         w = self.words
         last = w[_LAST]
         version = physical if physical > last else last + 1
         w[_LAST] = version
         return version
+
+    def stamping(self, owner: _ThreadNotes) -> Callable[[int], int]:
+        """``next_from_wall`` as the SQL function ``hcio_hlc``: it also keeps the version as
+        ``owner._local.version`` (the writing thread's last: ``Store.last_version``).
+
+        One function rather than a wrapper around ``next_from_wall``: it runs inside the
+        one-statement ``set``, the hottest write.
+        """
+        words = self.words
+
+        def hcio_hlc(physical: int) -> int:
+            last = words[_LAST]
+            version = physical if physical > last else last + 1
+            words[_LAST] = version
+            owner._local.version = version
+            return version
+
+        return hcio_hlc
 
     def observe(self, remote: int) -> None:
         """Move the clock to ``remote`` if it is ahead."""

@@ -21,7 +21,7 @@ from typing import Any
 from ..codec import INT64_MAX, INT64_MIN, TAG_INT, TAG_TOMBSTONE, Payload, payload_size
 from ..errors import StorageCorruptError, StorageError
 from ..l1 import TokenTable
-from . import replica, upkeep
+from . import counters, replica, upkeep
 from .clock import CLOCK_NAME, SQL_OBSERVE, SQL_PUT_STAMPED, DatabaseClock
 from .connections import ConnectionOwner, _Connection, _fork_generation
 from .diagnose import storage_error
@@ -46,10 +46,12 @@ from .schema import (
     SQL_META_GET,
     SQL_META_SET,
     SQL_OPLOG,
+    SQL_OWN_SEQ,
     SQL_PAGES,
     SQL_PUT,
     SQL_TOMBSTONE,
     SQL_TOUCH,
+    SQL_TOUCH_ROW,
     TOKENS_NAME,
 )
 from .upkeep import GC_EVERY, SIZE_CHECK_EVERY, TOMBSTONE_SECONDS
@@ -81,6 +83,7 @@ class Store(Replication, ConnectionOwner):
         allow_network_fs: bool = False,
         clock: Callable[[], float] = time.time,
         mountinfo: str = "/proc/self/mountinfo",
+        max_clock_skew: float = replica.SKEW_WARNING_SECONDS,
     ) -> None:
         super().__init__()
         self.directory = os.path.abspath(os.path.expanduser(directory))
@@ -90,6 +93,11 @@ class Store(Replication, ConnectionOwner):
         self.max_entries = max_entries
         self.cull_frequency = cull_frequency
         self.clustered = False  # the database's flag as last read; every write refreshes it
+        self.multi_writer = False  # likewise, the active-active flag (store/counters.py)
+        # a replicated version this far ahead of the wall clock is counted and logged
+        self.max_clock_skew = max_clock_skew
+        self.skew_counts: dict[str, int] = {}  # per origin: records applied that far ahead
+        self._skew_logged: dict[str, float] = {}
         self.clock = clock
         self._writes = 0
         self._page_size = 4096
@@ -110,7 +118,7 @@ class Store(Replication, ConnectionOwner):
 
     def _connect(self, keep_busy: bool = False) -> _Connection:
         conn = super()._connect(keep_busy)
-        conn.create_function("hcio_hlc", 1, self._clock.next_from_wall)
+        conn.create_function("hcio_hlc", 1, self._clock.stamping(self))
         return conn
 
     # ---- the one write path ----------------------------------------------------------
@@ -175,18 +183,37 @@ class Store(Replication, ConnectionOwner):
 
     def record(self, txn: Txn, op: str, key: str | None, tag: int | None = None,
                value: Any = None, expire_at: float | None = None,
-               delta: int | None = None) -> None:
+               delta: int | None = None, base: tuple[int, str] | None = None,
+               total: int | None = None) -> int:
         """Note a change: its key gets a new L1 token; clustered stores log it too (what
-        each op's oplog row holds: ``hypercacheio.replication.records``)."""
+        each op's oplog row holds: ``hypercacheio.replication.records``) with this node's
+        next own sequence number, which is returned (0 when not clustered)."""
         if key is None:
             txn.everything = True
         else:
             txn.changed.append(key)
-        if txn.clustered:
-            txn.conn.execute(SQL_OPLOG, (op, key, tag, value, expire_at, txn.hlc,
-                                         self.node_id, delta))
+        if not txn.clustered:
+            return 0
+        conn = txn.conn
+        seq = int(conn.execute(SQL_OWN_SEQ, (self.node_id,)).fetchone()[0]) + 1
+        conn.execute(SQL_OPLOG, (op, key, tag, value, expire_at, txn.hlc, self.node_id, delta,
+                                 seq, None if base is None else base[0],
+                                 None if base is None else base[1], total))
+        return seq
 
     # ---- the clock and the clustered flag --------------------------------------------
+
+    def last_version(self) -> int:
+        """The version of the last write this thread committed to this store (0: none yet).
+
+        Kept per thread (a ``threading.local``): a node's handler runs a write and reads
+        this in the same thread to tell a secondary the version its primary gave the write
+        (read-your-writes: ``hypercacheio.replication.forward``). A write that changed
+        nothing (an ``add`` of a live key, a ``delete`` of a missing one) takes no version
+        and leaves it as it was; records applied from another store keep their own.
+        """
+        version: int = getattr(self._local, "version", 0)
+        return version
 
     def last_hlc(self) -> int:
         """The last version this database handed out (or observed from a peer)."""
@@ -199,13 +226,19 @@ class Store(Replication, ConnectionOwner):
             self._clock.observe(remote_hlc)
             txn.conn.execute(SQL_OBSERVE, (remote_hlc, remote_hlc))  # survives a reboot
 
-    def mark_clustered(self, clustered: bool = True) -> None:
+    def mark_clustered(self, clustered: bool = True, *, multi_writer: bool | None = None) -> None:
         """Record in the database whether it is clustered: every process writing it then
-        keeps tombstones and oplog rows (or stops, with False)."""
+        keeps tombstones and oplog rows (or stops, with False). ``multi_writer=True`` marks
+        it active-active (increments replicate as contributions: ``store/counters.py``);
+        None leaves that flag as it is."""
         with self.transaction() as txn:
             txn.conn.execute(SQL_META_SET, (int(clustered), "clustered"))
+            if multi_writer is not None:
+                txn.conn.execute(SQL_META_SET, (int(multi_writer), "multi_writer"))
             self._clock.bump_generation()  # under the write lock: others read the flag again
         self.clustered = clustered
+        if multi_writer is not None:
+            self.multi_writer = multi_writer
 
     def _clustered_now(self, conn: sqlite3.Connection) -> bool:
         """Inside a write transaction: the database's flag (read again only if it changed)."""
@@ -213,6 +246,8 @@ class Store(Replication, ConnectionOwner):
         if generation != self._flag_generation:
             row = conn.execute(SQL_META_GET, ("clustered",)).fetchone()
             self.clustered = bool(row and row[0])
+            row = conn.execute(SQL_META_GET, ("multi_writer",)).fetchone()
+            self.multi_writer = bool(row and row[0])
             self._flag_generation = generation
         return self.clustered
 
@@ -345,16 +380,23 @@ class Store(Replication, ConnectionOwner):
 
         Raises TypeError for a non-integer value and OverflowError past int64.
         """
+        return self.incr_row(key, delta, expire_if_new, create=create)[0]
+
+    def incr_row(self, key: str, delta: int, expire_if_new: float | None, *,
+                 create: bool = True) -> tuple[int, float | None]:
+        """``incr``, answering the counter's row: (new value, its expiry)."""
         if not INT64_MIN <= delta <= INT64_MAX:
             raise OverflowError(f"delta {delta} is outside the 64-bit integer range")
         with self.transaction() as txn:
+            if txn.clustered and self.multi_writer:
+                return counters.local_incr(self, txn, key, delta, expire_if_new, create)
             row = txn.conn.execute(SQL_INCR, {
                 "delta": delta, "hlc": txn.hlc, "node": self.node_id, "key": key,
                 "now": txn.now, "max": INT64_MAX, "min": INT64_MIN,
             }).fetchone()
             if row is not None:  # the oplog row holds the result too (see records.py)
                 self.record(txn, "incr", key, TAG_INT, row[0], row[1], delta)
-                return int(row[0])
+                return int(row[0]), row[1]
             current = txn.conn.execute(SQL_GET, (key,)).fetchone()
             if current is not None and current[0] != TAG_TOMBSTONE and (
                     current[2] is None or current[2] > txn.now):
@@ -365,22 +407,45 @@ class Store(Replication, ConnectionOwner):
             if not create:
                 raise KeyError(key)
             self._put(txn, key, TAG_INT, delta, expire_if_new, "incr", delta)
-            return delta
+            return delta, expire_if_new
 
     def touch(self, key: str, expire_at: float | None) -> bool:
         """Set a new expiry on a live key; True if the key was there."""
         with self.transaction() as txn:
+            if txn.clustered and self.multi_writer:
+                return self._touch_row(txn, key, expire_at) is not None
             cur = txn.conn.execute(SQL_TOUCH, (expire_at, txn.hlc, self.node_id, key, txn.now))
             if cur.rowcount <= 0:
                 return False
             self.record(txn, "touch", key, None, None, expire_at)
             return True
 
+    def touch_row(self, key: str, expire_at: float | None) -> Row | None:
+        """``touch``, answering the touched row (tag, value, new expiry), or None if the key
+        was missing: what a secondary applies as the touch's whole result, since a touch
+        alone could land on an older copy of the value there."""
+        with self.transaction() as txn:
+            return self._touch_row(txn, key, expire_at)
+
+    def _touch_row(self, txn: Txn, key: str, expire_at: float | None) -> Row | None:
+        row: Row | None = txn.conn.execute(SQL_TOUCH_ROW, (
+            expire_at, txn.hlc, self.node_id, key, txn.now)).fetchone()
+        if row is None:
+            return None
+        if txn.clustered and self.multi_writer:
+            # the touched row whole: it starts a new counter base (store/counters.py)
+            self.record(txn, "set", key, row[0], row[1], expire_at)
+        else:
+            self.record(txn, "touch", key, None, None, expire_at)
+        return row
+
     def clear(self) -> int:
         """Remove every entry (locks stay); returns how many rows went."""
         with self.transaction() as txn:
             count = txn.conn.execute(SQL_CLEAR).rowcount
             replica.set_cleared(txn, txn.hlc, self.node_id)  # no older write comes back
+            if txn.clustered:  # a contribution waiting for a newer base stays
+                txn.conn.execute(counters.SQL_CLEAR_OLDER, (txn.hlc, self.node_id))
             self.record(txn, "clear", None)
             return int(count)
 

@@ -17,6 +17,7 @@ from .schema import (
     PRAGMAS_DATABASE,
     SCHEMA,
     SCHEMA_VERSION,
+    SQL_ENSURE_ORIGIN,
     SQL_META_GET,
     SQL_META_INIT,
     SQL_META_SET,
@@ -85,6 +86,8 @@ def create_or_upgrade(store: Store, conn: sqlite3.Connection, clustered: bool) -
         store._clock.seed(conn)
     store.node_id = str(conn.execute(SQL_META_GET, ("node_id",)).fetchone()[0])
     store.clustered = bool(conn.execute(SQL_META_GET, ("clustered",)).fetchone()[0])
+    store.multi_writer = bool(conn.execute(SQL_META_GET, ("multi_writer",)).fetchone()[0])
+    conn.execute(SQL_ENSURE_ORIGIN, (store.node_id,))  # this node's own sequence (records)
     store._flag_generation = store._clock.generation
     conn.execute("COMMIT")
     store._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])

@@ -10,8 +10,14 @@ Ordering: last writer wins on the version ``(hlc, node)``, compared as a pair in
 below the store's last clear (``meta`` ``cleared_hlc``/``cleared_node``), is skipped, so a
 batch applied twice, replayed later, or reordered changes nothing more.
 
+Active-active (a store marked ``multi_writer``): records also carry their origin's own
+sequence number; a record already counted in the store's version vector is skipped (see
+``mesh.py``), and increments carry counter contributions (``counters.py``).
+
 Trimming (``upkeep.purge_expired``): an oplog row goes once it is older than the tombstone
 window, or once every peer registered in ``peers`` for this database has acknowledged it.
+In a clustered store a tombstone past its window also stays until every registered peer
+has acknowledged the oplog up to its version (``upkeep.tombstone_bound``).
 A peer that has not acknowledged a row keeps it for at most the window; after that its
 position is older than the oldest row kept and it needs a snapshot (``Store.can_resume``).
 Tombstones live for the window (their ``expire_at``), the longest a peer can be away and
@@ -30,7 +36,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from ..codec import TAG_TOMBSTONE, TAGS, payload_size
+from ..codec import TAG_INT, TAG_TOMBSTONE, TAGS, payload_size
 from ..errors import ReplicationError
 from ..replication.records import (
     CLEAR,
@@ -39,6 +45,7 @@ from ..replication.records import (
     SET,
     TOUCH,
     ApplyResult,
+    CounterRow,
     OplogBounds,
     PeerPosition,
     Record,
@@ -46,7 +53,8 @@ from ..replication.records import (
     SnapshotRow,
     SnapshotStart,
 )
-from .clock import SQL_OBSERVE, wall_hlc
+from . import counters, mesh
+from .clock import SQL_OBSERVE
 from .diagnose import storage_error
 from .schema import SQL_META_GET, SQL_META_SET, SQL_OPLOG
 from .upkeep import TOMBSTONE_SECONDS
@@ -54,7 +62,8 @@ from .upkeep import TOMBSTONE_SECONDS
 if TYPE_CHECKING:
     from .core import Store, Txn
 
-SQL_OPLOG_SINCE = ("SELECT seq, op, key, tag, value, expire_at, hlc, node, delta FROM oplog "
+SQL_OPLOG_SINCE = ("SELECT seq, op, key, tag, value, expire_at, hlc, node, delta, "
+                   "COALESCE(origin_seq, 0), base_hlc, base_node, total FROM oplog "
                    "WHERE seq > ? ORDER BY seq LIMIT ?")
 # the last seq ever written (AUTOINCREMENT keeps it in sqlite_sequence: trims never lower it)
 _LAST = "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'oplog'), 0)"
@@ -162,19 +171,34 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
     if not batch:
         return ApplyResult(0, 0)
     top = max(record.hlc for record in batch)
-    if top > wall_hlc(store.clock() + SKEW_WARNING_SECONDS):
-        log.warning("%s: a replicated version is %.0f s ahead of this host's clock (node %s); "
-                    "check the clocks of the hosts", store.directory,
-                    ((top >> 16) / 1000) - store.clock(), _printable(batch[-1].node))
+    mesh.check_skew(store, batch, top)
     applied = skipped = 0
     with store.transaction() as txn:
         conn = txn.conn
         floor = cleared(conn)
         changed = txn.changed
+        # active-active only: a primary/secondary stream is ordered by its own positions
+        vector = mesh.Vector(conn, store.node_id) if txn.clustered and store.multi_writer \
+            else None
         for record in batch:
             op, key, hlc, node = record.op, record.key, record.hlc, record.node
+            if record.origin_seq and vector is not None:
+                if vector.seen(node, record.origin_seq):
+                    skipped += 1  # a duplicate or a replay: applied here already
+                    continue
+                vector.note(node, record.origin_seq)
             if (hlc, node) <= floor:
                 skipped += 1
+                continue
+            if op == INCR and record.total is not None:  # active-active: a contribution
+                assert key is not None and record.base_hlc is not None  # _check
+                counted = counters.apply_contribution(txn, CounterRow(
+                    key, node, record.base_hlc, record.base_node or "", record.total,
+                    record.origin_seq, record.expire_at), floor)
+                if counted and relay:
+                    _relay(conn, record)
+                applied += counted
+                skipped += not counted
                 continue
             if op in (SET, INCR):
                 # incr: primary/secondary ships the resulting value (a set with its version)
@@ -184,18 +208,25 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
                     key, record.tag, value, record.expire_at,
                     len(key) + payload_size(value), hlc, node)).rowcount
                 txn.inserted += done
+                if done > 0 and record.tag == TAG_INT:
+                    counters.after_write(txn, key, TAG_INT, record.expire_at, (hlc, node))
             elif op == DELETE:
                 until = record.expire_at
                 if until is None:
                     until = txn.now + TOMBSTONE_SECONDS
                 done = conn.execute(SQL_APPLY_PUT, (
                     key, TAG_TOMBSTONE, None, until, 0, hlc, node)).rowcount
+                if done > 0:
+                    assert key is not None  # _check
+                    counters.after_write(txn, key, TAG_TOMBSTONE, until, (hlc, node))
             elif op == TOUCH:
                 done = conn.execute(SQL_APPLY_TOUCH, (
                     record.expire_at, hlc, node, key, hlc, node)).rowcount
             else:  # CLEAR
                 conn.execute(SQL_APPLY_CLEAR, (hlc, node))
-                set_cleared(txn, hlc, node)
+                conn.execute(counters.SQL_CLEAR_OLDER, (hlc, node))
+                if set_cleared(txn, hlc, node):
+                    counters.after_clear(txn, (hlc, node))
                 floor = (hlc, node)
                 txn.everything = True
                 done = 1
@@ -204,14 +235,21 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
                 if key is not None:
                     changed.append(key)
                 if relay:
-                    conn.execute(SQL_OPLOG, (op, key, record.tag, record.value,
-                                             record.expire_at, hlc, node, record.delta))
+                    _relay(conn, record)
             else:
                 skipped += 1
+        if vector is not None:
+            vector.save()
         _observe(store, conn, top)
         if ack is not None:
             conn.execute(SQL_PEER_ACK, (ack[0], max(r.seq for r in batch), ack[1], txn.now))
     return ApplyResult(applied, skipped)
+
+
+def _relay(conn: sqlite3.Connection, r: Record) -> None:
+    """Log an applied record again, with its origin's identity (a catch-up source)."""
+    conn.execute(SQL_OPLOG, (r.op, r.key, r.tag, r.value, r.expire_at, r.hlc, r.node, r.delta,
+                             r.origin_seq or None, r.base_hlc, r.base_node, r.total))
 
 
 def _check(record: Record) -> None:
@@ -227,6 +265,10 @@ def _check(record: Record) -> None:
         raise ReplicationError(f"a {op} record needs a key (seq {record.seq})")
     if op in (SET, INCR) and (record.tag not in TAGS or record.value is None):
         raise ReplicationError(f"a {op} record needs a tag and a value (seq {record.seq})")
+    if record.total is not None and (op != INCR or type(record.base_hlc) is not int
+                                     or record.origin_seq < 1):
+        raise ReplicationError(f"a counter contribution needs an incr, a base and an origin "
+                               f"sequence (seq {record.seq})")
 
 
 def _printable(node: str) -> str:
@@ -248,7 +290,8 @@ def snapshot_begin(store: Store) -> SnapshotStart:
     with store.transaction() as txn:
         position = int(txn.conn.execute(SQL_OPLOG_LAST).fetchone()[0])
         hlc, node = cleared(txn.conn)
-        return SnapshotStart(position, txn.hlc, store.node_id, hlc, node)
+        return SnapshotStart(position, txn.hlc, store.node_id, hlc, node,
+                             mesh.read_vector(txn.conn, store.node_id))
 
 
 def snapshot_chunk(store: Store, start: SnapshotStart, after: str | None,
@@ -259,13 +302,22 @@ def snapshot_chunk(store: Store, start: SnapshotStart, after: str | None,
         raise ValueError(f"snapshot chunk limit must be at least 1, got {limit}")
     conn = store._lease()
     try:
-        rows = [SnapshotRow._make(row) for row in conn.execute(
-            SQL_SNAPSHOT, (after or _NO_KEY, store.clock(), limit))]
+        if store.multi_writer:
+            found = conn.execute(mesh.SQL_SNAPSHOT_ROWS, {
+                "after": after or _NO_KEY, "now": store.clock(), "limit": limit,
+                "window": TOMBSTONE_SECONDS})
+        else:
+            found = conn.execute(SQL_SNAPSHOT, (after or _NO_KEY, store.clock(), limit))
+        rows = [SnapshotRow._make(row) for row in found]
+        done = len(rows) < limit
+        contributions = counters.contributions(conn, after or _NO_KEY,
+                                               None if done else rows[-1].key)
     except sqlite3.Error as exc:
         raise storage_error(exc, store.path, "read a snapshot", store.busy_timeout) from exc
     finally:
         conn.busy -= 1
-    return SnapshotChunk(start, after, rows, len(rows) < limit)
+    return SnapshotChunk(start, after, mesh.base_values(rows, contributions), done,
+                         tuple(contributions))
 
 
 def snapshot_chunks(store: Store, start: SnapshotStart, limit: int = 1000,
@@ -294,6 +346,8 @@ def apply_snapshot(store: Store, chunk: SnapshotChunk, *, ack: str | None = None
         conn = txn.conn
         if set_cleared(txn, start.cleared_hlc, start.cleared_node):  # the source's clear
             conn.execute(SQL_APPLY_CLEAR, (start.cleared_hlc, start.cleared_node))
+            conn.execute(counters.SQL_CLEAR_OLDER, (start.cleared_hlc, start.cleared_node))
+            counters.after_clear(txn, (start.cleared_hlc, start.cleared_node))
             txn.everything = True
         floor = cleared(conn)
         keys = set()
@@ -304,13 +358,8 @@ def apply_snapshot(store: Store, chunk: SnapshotChunk, *, ack: str | None = None
             if (row.hlc, row.node) <= floor:
                 skipped += 1
                 continue
-            value = row.value
-            size = 0 if value is None else len(row.key) + payload_size(value)
-            if conn.execute(SQL_APPLY_PUT, (row.key, row.tag, value, row.expire_at, size,
-                                            row.hlc, row.node)).rowcount > 0:
+            if put_row(txn, row):
                 applied += 1
-                txn.changed.append(row.key)
-                txn.inserted += row.tag != TAG_TOMBSTONE
             else:
                 skipped += 1
         after = chunk.after or _NO_KEY
@@ -321,10 +370,29 @@ def apply_snapshot(store: Store, chunk: SnapshotChunk, *, ack: str | None = None
         stale = [key for (key,) in old if key not in keys]
         conn.executemany(SQL_DELETE_KEY, [(key,) for key in stale])
         txn.changed.extend(stale)
+        for contribution in chunk.counters:
+            applied += counters.apply_contribution(txn, contribution, floor)
+        if chunk.done and txn.clustered and store.multi_writer:
+            mesh.merge_vector(conn, start.vector)
         _observe(store, conn, top)
         if ack is not None and chunk.done:
             conn.execute(SQL_PEER_SET, (ack, start.position, start.source, txn.now))
     return ApplyResult(applied, skipped)
+
+
+def put_row(txn: Txn, row: SnapshotRow) -> bool:
+    """A row (or tombstone) of another store by last writer wins; an int row carries its
+    base's value (``mesh.base_values``), to which the contributions here are added."""
+    value = row.value
+    size = 0 if value is None else len(row.key) + payload_size(value)
+    if txn.conn.execute(SQL_APPLY_PUT, (row.key, row.tag, value, row.expire_at, size,
+                                        row.hlc, row.node)).rowcount <= 0:
+        return False
+    txn.changed.append(row.key)
+    txn.inserted += row.tag != TAG_TOMBSTONE
+    if row.tag in (TAG_INT, TAG_TOMBSTONE):
+        counters.after_write(txn, row.key, row.tag, row.expire_at, (row.hlc, row.node))
+    return True
 
 
 # ---- replication positions -----------------------------------------------------------------
@@ -484,3 +552,42 @@ class Replication:
     def checksum(self, now: float | None = None, *, versions: bool = False) -> str:
         """The digest of ``live_digest`` alone."""
         return live_digest(_store(self), now, versions)[1]
+
+    # ---- active-active (store/mesh.py, store/counters.py) ----
+
+    def version_vector(self) -> dict[str, int]:
+        """Per origin, the highest sequence number up to which every write is applied here
+        (this node's own entry counts its own writes)."""
+        store = _store(self)
+        conn = store._lease()
+        try:
+            return dict(mesh.read_vector(conn, store.node_id))
+        except sqlite3.Error as exc:
+            raise storage_error(exc, store.path, "read the version vector",
+                                store.busy_timeout) from exc
+        finally:
+            conn.busy -= 1
+
+    def contributions(self, key: str | None = None) -> list[CounterRow]:
+        """The active-active counter contributions held (of one key, or every one)."""
+        store = _store(self)
+        conn = store._lease()
+        try:
+            return [c for c in counters.contributions(conn, _NO_KEY, None)
+                    if key is None or c.key == key]
+        finally:
+            conn.busy -= 1
+
+    def bucket_digests(self, now: float | None = None) -> mesh.Digest:
+        """The anti-entropy digest: ``mesh.BUCKETS`` bucket hashes of rows and contributions,
+        with the version vector and last clear they cover."""
+        return mesh.bucket_digests(_store(self), now)
+
+    def bucket_rows(self, buckets: Iterable[int]) -> tuple[list[SnapshotRow], list[CounterRow]]:
+        """Every row, tombstone and contribution of the given buckets."""
+        return mesh.bucket_rows(_store(self), buckets)
+
+    def apply_rows(self, rows: Iterable[SnapshotRow], found: Iterable[CounterRow],
+                   source: mesh.Digest | None = None) -> ApplyResult:
+        """Apply another store's bucket rows (see ``mesh.apply_rows``)."""
+        return mesh.apply_rows(_store(self), rows, found, source)

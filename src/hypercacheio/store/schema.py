@@ -56,8 +56,36 @@ CREATE TABLE IF NOT EXISTS oplog (
     expire_at REAL,               -- set, incr, touch: the row's; delete: the tombstone's
     hlc       INTEGER NOT NULL,   -- version of the write
     node      TEXT NOT NULL,      -- node it was first written on (its origin)
-    delta     INTEGER             -- incr: the increment
+    delta     INTEGER,            -- incr: the increment
+    origin_seq INTEGER,           -- the origin's own sequence number of the write
+    base_hlc  INTEGER,            -- active-active incr: the version of the counter's base
+    base_node TEXT,               -- ... and its node
+    total     INTEGER             -- ... the origin's whole contribution on that base
 );
+-- The version vector: per origin, every write up to applied_seq is applied here (this
+-- node's own row counts its own writes: the next one gets applied_seq + 1).
+CREATE TABLE IF NOT EXISTS origins (
+    origin      TEXT PRIMARY KEY,
+    applied_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Writes of an origin applied above its applied_seq (received out of order).
+CREATE TABLE IF NOT EXISTS origin_pending (
+    origin TEXT NOT NULL,
+    seq    INTEGER NOT NULL,
+    PRIMARY KEY (origin, seq)
+) WITHOUT ROWID;
+-- Active-active counters: each origin's whole contribution to a counter since its base
+-- (the version of the set, delete or touch it counts from); see store/counters.py.
+CREATE TABLE IF NOT EXISTS counters (
+    key        TEXT NOT NULL,
+    origin     TEXT NOT NULL,
+    base_hlc   INTEGER NOT NULL,
+    base_node  TEXT NOT NULL,
+    total      INTEGER NOT NULL,
+    origin_seq INTEGER NOT NULL,
+    expire_at  REAL,               -- the expiry the origin gave the counter
+    PRIMARY KEY (key, origin)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS peers (
     peer       TEXT PRIMARY KEY,  -- a peer's id or URL
     acked      INTEGER NOT NULL,  -- last oplog seq acknowledged (by it, or from it)
@@ -70,12 +98,18 @@ CREATE TABLE IF NOT EXISTS peers (
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # new ``meta`` rows (META_DEFAULTS), the oplog's delta; ``peers`` comes from SCHEMA; the
     # clock file is seeded from the rows
-    2: ("ALTER TABLE oplog ADD COLUMN delta INTEGER",),
+    2: ("ALTER TABLE oplog ADD COLUMN delta INTEGER",
+        "ALTER TABLE oplog ADD COLUMN origin_seq INTEGER",
+        "ALTER TABLE oplog ADD COLUMN base_hlc INTEGER",
+        "ALTER TABLE oplog ADD COLUMN base_node TEXT",
+        "ALTER TABLE oplog ADD COLUMN total INTEGER"),
 }
 
 # Rows every database has (INSERT OR IGNORE: the first process to open it decides).
 META_DEFAULTS: tuple[tuple[str, object], ...] = (
     ("fence", 0), ("hlc", 0), ("clustered", 0),
+    # active-active (several writers): increments replicate as contributions (counters.py)
+    ("multi_writer", 0),
     # the version of the last clear (local or applied): no older write is applied after it
     ("cleared_hlc", 0), ("cleared_node", ""),
 )
@@ -116,12 +150,30 @@ SQL_INCR = (
 )
 SQL_TOUCH = ("UPDATE entries SET expire_at = ?, hlc = ?, node = ? "
              "WHERE key = ? AND tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
+SQL_TOUCH_ROW = SQL_TOUCH + " RETURNING tag, value, expire_at"
 SQL_CLEAR = "DELETE FROM entries"
 SQL_COUNT_ALL = "SELECT COUNT(*) FROM entries"
 SQL_COUNT_LIVE = ("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries "
                   "WHERE tag != -1 AND (expire_at IS NULL OR expire_at > ?)")
 SQL_PURGE = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
              "WHERE expire_at IS NOT NULL AND expire_at <= ? LIMIT ?) RETURNING key")
+# clustered: a tombstone also waits until every peer acknowledged the writes up to it
+SQL_PURGE_CLUSTERED = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
+                       "WHERE expire_at IS NOT NULL AND expire_at <= ? "
+                       "AND (tag != -1 OR hlc < ?) LIMIT ?) RETURNING key")
+# active-active: an expired row becomes a tombstone of its version, kept for the window
+# from its expiry (the base of value 0 that a counter then counts from, and the same row in
+# the anti-entropy digest, on every node, whenever each purges it: mesh.py)
+SQL_EXPIRED_TO_TOMBSTONE = (
+    "UPDATE entries SET tag = -1, value = NULL, size = 0, expire_at = expire_at + ? "
+    "WHERE key IN ("
+    "SELECT key FROM entries WHERE expire_at IS NOT NULL AND expire_at <= ? AND tag != -1 "
+    "LIMIT ?) RETURNING key")
+# contributions no longer counted: their base is older than the row's version (or gone)
+SQL_PURGE_COUNTERS = (
+    "DELETE FROM counters WHERE (key, origin) IN (SELECT c.key, c.origin FROM counters c "
+    "JOIN entries e ON e.key = c.key WHERE (c.base_hlc, c.base_node) < (e.hlc, e.node) "
+    "LIMIT ?)")
 # The oplog is trimmed from its oldest row up to a bound (upkeep.oplog_trim_bound).
 SQL_PURGE_OPLOG = ("DELETE FROM oplog WHERE seq IN (SELECT seq FROM oplog "
                    "WHERE seq <= ? ORDER BY seq LIMIT ?)")
@@ -137,8 +189,17 @@ SQL_EVICT_OLDEST = ("DELETE FROM entries WHERE key IN (SELECT key FROM entries "
 SQL_EVICT_ALL_BUT = "DELETE FROM entries WHERE key NOT IN ({marks}) RETURNING key"
 SQL_PAGES = "SELECT (SELECT page_count FROM pragma_page_count) - " \
             "(SELECT freelist_count FROM pragma_freelist_count)"
-SQL_OPLOG = ("INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node, delta) "
-             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+SQL_OPLOG = ("INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node, delta, origin_seq, "
+             "base_hlc, base_node, total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# This node's last own sequence number: its last oplog row's (the oplog's last page is
+# written anyway: no other page dirtied), or, once the oplog no longer holds one, the count
+# kept in ``origins`` (upkeep raises it before trimming; a merged vector may raise it too).
+SQL_OWN_SEQ = ("SELECT max(COALESCE((SELECT origin_seq FROM oplog WHERE node = ?1 "
+               "ORDER BY seq DESC LIMIT 1), 0), "
+               "COALESCE((SELECT applied_seq FROM origins WHERE origin = ?1), 0))")
+SQL_KEEP_OWN_SEQ = f"UPDATE origins SET applied_seq = ({SQL_OWN_SEQ}) WHERE origin = ?1"
+SQL_ENSURE_ORIGIN = "INSERT OR IGNORE INTO origins(origin, applied_seq) VALUES (?, 0)"
+
 
 SQL_LOCK_GET = "SELECT owner, expire_at, fence FROM locks WHERE name = ?"
 SQL_LOCK_PUT = ("INSERT OR REPLACE INTO locks(name, owner, expire_at, fence, acquired_at) "

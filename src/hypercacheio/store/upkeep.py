@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ..codec import INT64_MAX
 from ..errors import StorageError
 from .clock import wall_hlc
 from .fs import file_size
@@ -14,9 +15,13 @@ from .schema import (
     SQL_COUNT_ALL,
     SQL_EVICT_ALL_BUT,
     SQL_EVICT_OLDEST,
+    SQL_EXPIRED_TO_TOMBSTONE,
+    SQL_KEEP_OWN_SEQ,
     SQL_OPLOG_WINDOW_BOUND,
     SQL_PEERS_MIN_ACKED,
     SQL_PURGE,
+    SQL_PURGE_CLUSTERED,
+    SQL_PURGE_COUNTERS,
     SQL_PURGE_LOCKS,
     SQL_PURGE_OPLOG,
 )
@@ -25,6 +30,8 @@ if TYPE_CHECKING:
     from .core import Store, Txn
 
 log = logging.getLogger("hypercacheio.store")
+
+SQL_OLDEST_UNACKED = "SELECT hlc FROM oplog WHERE seq > ? ORDER BY seq LIMIT 1"
 
 GC_EVERY = 512  # writes of one process between two amortized collections
 GC_BATCH = 256  # rows removed by one amortized collection
@@ -40,10 +47,21 @@ def purge_expired(store: Store, limit: int | None = None) -> int:
     batch = GC_BATCH if limit is None else min(limit, GC_BATCH)
     while True:
         with store.transaction() as txn:
-            keys = [r[0] for r in txn.conn.execute(SQL_PURGE, (txn.now, batch))]
-            txn.conn.execute(SQL_PURGE_LOCKS, (txn.now, batch))
-            trimmed = txn.conn.execute(SQL_PURGE_OPLOG,
-                                       (oplog_trim_bound(store, txn), batch)).rowcount
+            conn = txn.conn
+            if txn.clustered:
+                keys = []
+                if store.multi_writer:  # first: the DELETE below would take them
+                    keys = [r[0] for r in conn.execute(SQL_EXPIRED_TO_TOMBSTONE, (
+                        TOMBSTONE_SECONDS, txn.now, batch))]
+                keys += [r[0] for r in conn.execute(SQL_PURGE_CLUSTERED, (
+                    txn.now, tombstone_bound(store, txn), batch))]
+                conn.execute(SQL_PURGE_COUNTERS, (batch,))
+                conn.execute(SQL_KEEP_OWN_SEQ, (store.node_id,))  # before its rows go
+            else:
+                keys = [r[0] for r in conn.execute(SQL_PURGE, (txn.now, batch))]
+            conn.execute(SQL_PURGE_LOCKS, (txn.now, batch))
+            trimmed = conn.execute(SQL_PURGE_OPLOG,
+                                   (oplog_trim_bound(store, txn), batch)).rowcount
             txn.changed.extend(keys)
         removed += len(keys)
         # An unbounded round also takes the whole old oplog: one batch a round would
@@ -51,6 +69,17 @@ def purge_expired(store: Store, limit: int | None = None) -> int:
         more_oplog = limit is None and trimmed >= batch
         if (len(keys) < batch and not more_oplog) or (limit is not None and removed >= limit):
             return removed
+
+
+def tombstone_bound(store: Store, txn: Txn) -> int:
+    """Tombstones at or above this version stay, even past their window: some peer
+    registered for this database has not acknowledged the oplog up to them (the version of
+    the oldest row a peer still waits for). Without peers, or all caught up: no bound."""
+    acked, peers = txn.conn.execute(SQL_PEERS_MIN_ACKED, (store.node_id,)).fetchone()
+    if not peers:
+        return INT64_MAX
+    row = txn.conn.execute(SQL_OLDEST_UNACKED, (int(acked),)).fetchone()
+    return INT64_MAX if row is None else int(row[0])
 
 
 def oplog_trim_bound(store: Store, txn: Txn) -> int:

@@ -100,6 +100,8 @@ class _Transaction:
                     upkeep.enforce_max_entries(store, txn)
                 slots = store._publish(txn.changed, txn.everything)  # before COMMIT too
                 conn.execute("COMMIT")
+                if txn._hlc and (txn.changed or txn.everything):  # a versioned change:
+                    store._local.version = txn._hlc  # this thread's last (last_version)
             except BaseException as failure:
                 _rollback(conn)
                 if isinstance(failure, sqlite3.Error):
