@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Long runs of the cluster fault suite (issue 11), reproducible by seed:
+#   scripts/chaos.sh --minutes M --seed S [--mode ps] [--nodes N] [--clients C] [--out DIR]
+# Starts a cluster of real nodes with a fault proxy on every replication link, runs clients on
+# every host while a nemesis draws faults from the seed (kill -9, SIGSTOP, partitions, slow
+# links, lost answers, a full disk when root, a wiped node), heals, waits for quiescence and
+# checks the history. Writes report.txt, timeline.png and history.jsonl into a directory it
+# prints (--out, or a new one under $TMPDIR). Exit status 0: the mode kept its guarantees.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/_venv.sh
+make_venv dev,server
+PYTHONPATH=tests exec .venv/bin/python -m cluster.run "$@"
