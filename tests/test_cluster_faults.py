@@ -31,14 +31,10 @@ FAULT_AT = 1.0
 FAULT_FOR = 2.5
 QUIESCE_TIMEOUT = 15.0  # healthy runs settle in well under a second
 
-# Found by this suite (seed 11, scenario full-disk-primary): when the primary's disk is full,
-# Pusher._run persists an idle link's position (Store.peer_ack) outside its try block; the
-# StorageFullError ends that link's task silently (errors=0, connected=true) and the
-# secondary never receives another write (backlog grows for ever). strict: an XPASS tells
-# whoever fixes replication/push.py to drop this mark.
-PUSH_DIES_ON_FULL_DISK = pytest.mark.xfail(
-    strict=True, reason="replication/push.py: an idle link's peer_ack outside the try; a "
-                        "full disk on the primary ends the push task for good")
+# Found by this suite (seed 11, scenario full-disk-primary): a full disk on the primary
+# once ended a push task for good (an idle link persisted its position outside the task's
+# error handling), so a secondary silently stopped receiving writes. The pusher now persists
+# positions from its own task, which logs and retries; this scenario guards it.
 
 # name -> (schedule, nodes)
 SCENARIOS: dict[str, tuple[list[Step], int]] = {
@@ -88,7 +84,7 @@ def test_primary_secondary_survives(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.skipif(can_mount_tmpfs() is not None, reason=str(can_mount_tmpfs()))
 @pytest.mark.parametrize("host", ["secondary-1",
-                                  pytest.param("primary", marks=PUSH_DIES_ON_FULL_DISK)])
+                                  "primary"])
 def test_primary_secondary_survives_a_full_disk(tmp_path: Path, host: str) -> None:
     steps = [Step(FAULT_AT, "full_disk", host, FAULT_FOR)]
     outcome = _run(tmp_path, f"full-disk-{host}", steps, 3, tmpfs=(host,))

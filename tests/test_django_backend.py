@@ -414,3 +414,38 @@ def test_command_runs_the_real_cli_help(store_dir: str, capsys: pytest.CaptureFi
         call_command("hypercacheio", "node", "--help")
     out = capsys.readouterr().out
     assert "Usage: manage.py hypercacheio node" in out and "start" in out
+
+
+# ---- a secondary host ---------------------------------------------------------------------
+
+
+def test_a_secondary_host_writes_through_the_primary_and_reads_its_writes(
+        tmp_path: Path) -> None:
+    from cluster_helpers import Cluster
+    from hypercacheio import Cache
+    from hypercacheio.replication.forward import SecondaryCache
+    from node_helpers import TOKEN
+
+    with Cluster(tmp_path / "cluster", secondaries=1) as cluster:
+        (node,) = cluster.secondaries
+        cache = backend(node.directory, OPTIONS={
+            "role": "secondary", "primary_url": cluster.primary.url, "api_token": TOKEN})
+        assert isinstance(cache.engine, SecondaryCache)
+        on_primary = Cache(cluster.primary.directory)
+        here = Cache(node.directory)  # another process of this host
+        cache.set("page", {"html": "<p>"}, 300)
+        assert cache.get("page") == {"html": "<p>"}
+        full = cache.make_and_validate_key("page")
+        assert on_primary.get(full) == {"html": "<p>"} == here.get(full)
+        assert cache.add("once", 1) and not cache.add("once", 2)
+        assert cache.incr("once", 5) == 6 and on_primary.get(cache.make_and_validate_key(
+            "once")) == 6
+        with pytest.raises(ValueError):
+            cache.incr("missing")  # Django's contract, decided on the primary
+        assert cache.delete("page") and cache.get("page") is None
+        assert on_primary.get(full) is None
+        with cache.lock("job", 30) as held:
+            assert held.fence is not None
+            assert not on_primary.lock(cache.make_and_validate_key("job")).acquire(
+                blocking=False)
+        assert cluster.wait_converged()

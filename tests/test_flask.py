@@ -202,3 +202,29 @@ def test_inc_is_atomic_across_processes(store_dir: str, fork: Any) -> None:
         p.join(60)
         assert p.exitcode == 0
     assert HyperCacheIOCache(directory=store_dir).get("hits") == 600
+
+
+def test_a_secondary_host_writes_through_the_primary(tmp_path: Path) -> None:
+    from cluster_helpers import Cluster
+    from hypercacheio import Cache
+    from hypercacheio.replication.forward import SecondaryCache
+    from node_helpers import TOKEN
+
+    with Cluster(tmp_path / "cluster", secondaries=1) as cluster:
+        (node,) = cluster.secondaries
+        app, cache, calls = make_app(node.directory, HYPERCACHEIO_SERVER_ROLE="secondary",
+                                     HYPERCACHEIO_PRIMARY_URL=cluster.primary.url,
+                                     HYPERCACHEIO_API_TOKEN=TOKEN)
+        backend = cache.cache
+        assert isinstance(backend, HyperCacheIOCache)
+        assert isinstance(backend.engine, SecondaryCache)
+        client = app.test_client()
+        assert client.get("/square/7").data == b"49"
+        assert client.get("/square/7").data == b"49"
+        assert calls["square"] == 1  # the second read found this host's own write
+        on_primary = Cache(cluster.primary.directory, prefix=backend.engine.prefix)
+        assert cache.set("k", "v") and cache.get("k") == "v"
+        assert on_primary.get("k") == "v"
+        assert backend.inc("n", 3) == 3 and on_primary.get("n") == 3
+        assert cache.delete("k") and cache.get("k") is None and on_primary.get("k") is None
+        assert cluster.wait_converged()

@@ -10,14 +10,17 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
 from .codec import TAG_INT, TAG_PICKLE, UndecodableValue, check_key, decode, encode
 from .config import Settings
 from .l1 import ABSENT, L1
-from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock, StoreLocks
+from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock, LockBackend, StoreLocks
 from .store import Store
+
+if TYPE_CHECKING:
+    from .node.client import RemoteCache
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,24 @@ _GONE = object()  # a ttl <= 0: store nothing, remove the key
 
 def _no_l1() -> None:
     return None
+
+
+def ttl_seconds(ttl: Any) -> float:
+    """A ttl that is neither left out nor None, as seconds (<= 0: remove the key)."""
+    if isinstance(ttl, timedelta):
+        seconds = ttl.total_seconds()
+    elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+        try:
+            seconds = float(ttl)
+        except OverflowError:
+            raise ValueError(f"ttl of {ttl} seconds is too large; use None for "
+                             "never") from None
+    else:
+        raise TypeError(f"ttl must be seconds (int, float, timedelta) or None, "
+                        f"got {type(ttl).__name__}")
+    if seconds != seconds:  # NaN
+        raise ValueError("ttl must be a number of seconds, got NaN")
+    return seconds
 
 
 class _StoreReader:
@@ -79,7 +100,14 @@ class Cache:
 
     ``get`` serves from the in-process L1 while no process has written the key since;
     otherwise it reads the store. Every write is one SQLite transaction.
+
+    With ``role="secondary"`` (``HYPERCACHEIO_SERVER_ROLE``) reads stay local and writes and
+    locks go to the primary's node at ``primary_url``; ``__init__`` then makes the object a
+    ``hypercacheio.replication.forward.SecondaryCache`` (the choice is made once: the
+    methods of a cache in the default role carry no role check).
     """
+
+    _ha_node: RemoteCache | None = None  # active-active: the local node (add and locks)
 
     def __init__(
         self,
@@ -118,7 +146,7 @@ class Cache:
             max_entries=s.max_entries, cull_frequency=s.cull_frequency,
             clustered=s.clustered, allow_network_fs=s.allow_network_fs, clock=clock,
         )
-        self._locks = StoreLocks(self.store)
+        self._locks: LockBackend = StoreLocks(self.store)  # a secondary's: the primary
         self._reader = reader = _StoreReader(self.store, self.prefix)
         self._l1 = L1(self.store.tokens, s.l1_max_items, s.l1_max_age,
                       max_bytes=s.l1_max_bytes, clock=clock,
@@ -129,6 +157,19 @@ class Cache:
             # ``get`` is the L1's own lookup (it calls the store reader on a miss): an L1
             # hit then costs one Python call, not two. A subclass's ``get`` is kept.
             self.__dict__["get"] = self._l1.get
+        if s.role == "secondary":
+            from .replication.forward import become_secondary
+
+            become_secondary(self)
+        elif s.ha_enabled and s.peer_addrs:
+            # Active-active: writes stay local (the node ships the oplog), but add and
+            # locks are cluster-wide: decided by the local node with a majority.
+            from .node.client import RemoteCache
+
+            self._ha_node = RemoteCache(
+                "http://localhost" if s.node_socket else f"http://{s.node_host}:{s.node_port}",
+                s.api_token or None, s.timeout, unix_socket=s.node_socket, default_ttl=None)
+            self._locks = self._ha_node
 
     @property
     def l1_hits(self) -> int:
@@ -173,19 +214,7 @@ class Cache:
             ttl = self.default_ttl
         if ttl is None:
             return None
-        if isinstance(ttl, timedelta):
-            seconds = ttl.total_seconds()
-        elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-            try:
-                seconds = float(ttl)
-            except OverflowError:
-                raise ValueError(f"ttl of {ttl} seconds is too large; use None for "
-                                 "never") from None
-        else:
-            raise TypeError(f"ttl must be seconds (int, float, timedelta) or None, "
-                            f"got {type(ttl).__name__}")
-        if seconds != seconds:  # NaN
-            raise ValueError("ttl must be a number of seconds, got NaN")
+        seconds = ttl_seconds(ttl)
         if seconds <= 0:
             return _GONE
         return self._clock() + seconds
@@ -259,6 +288,12 @@ class Cache:
         tag, payload = encode(value)
         if expire_at is _GONE:
             return False
+        if self._ha_node is not None and not self.settings.ha_local_add:
+            ttl_left = None if expire_at is None else max(0.001, expire_at - self._clock())
+            added = self._ha_node.add(full, value, ttl_left)
+            if added:
+                self._forget_l1(key)
+            return added
         added = self.store.add(full, tag, payload, expire_at)
         if added:
             self._forget_l1(key)

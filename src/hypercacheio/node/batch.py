@@ -24,13 +24,13 @@ from typing import Any
 
 import msgpack
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .. import codec
 from ..codec import check_key
 from ..store import Store
 from . import protocol as p
 from .guard import BadRequest, StateHandler, error, ok
+from .handlers import expires_headers, row_answer, versioned_call
 from .state import NodeState, store_call
 
 BATCH_OVERHEAD = 64 * 1024  # bytes of msgpack framing and keys allowed above the value limit
@@ -41,8 +41,8 @@ def body_limit(state: NodeState) -> int:
     return state.options.max_value_bytes + BATCH_OVERHEAD
 
 
-async def _read_doc(request: web.Request, state: NodeState) -> dict[str, Any] | web.Response:
-    """The msgpack map a batch request carries, or the 413 answer to a body over the limit.
+async def read_raw(request: web.Request, state: NodeState) -> bytes | web.Response:
+    """The body of a batch request, or the 413 answer to a body over the limit.
 
     The body is read here, not by ``request.read()``, whose limit (the app's
     ``client_max_size``) is the single-value one.
@@ -64,14 +64,25 @@ async def _read_doc(request: web.Request, state: NodeState) -> dict[str, Any] | 
         if size > limit:
             return too_large
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_doc(raw: bytes) -> dict[str, Any]:
+    """The msgpack map of a batch request's body (BadRequest: 400)."""
     try:
-        doc = msgpack.unpackb(b"".join(chunks), raw=False, use_list=True, strict_map_key=True)
+        doc = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True)
     except Exception as exc:  # msgpack raises many kinds (ValueError, FormatError, ...)
         raise BadRequest(f"body is not valid msgpack ({type(exc).__name__}); send a msgpack "
                          f"map, Content-Type {p.MSGPACK_TYPE}") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"body must be a msgpack map, got {type(doc).__name__}")
     return doc
+
+
+async def _read_doc(request: web.Request, state: NodeState) -> dict[str, Any] | web.Response:
+    """The msgpack map a batch request carries, or the 413 answer to a body over the limit."""
+    raw = await read_raw(request, state)
+    return raw if isinstance(raw, web.Response) else decode_doc(raw)
 
 
 def _list(doc: dict[str, Any], name: str) -> list[Any]:
@@ -83,12 +94,12 @@ def _list(doc: dict[str, Any], name: str) -> list[Any]:
     return items
 
 
-def _keys(doc: dict[str, Any]) -> list[str]:
+def keys_of(doc: dict[str, Any]) -> list[str]:
     """Every key of ``{"keys": [...]}``, checked (InvalidKeyError: 400, nothing done)."""
     return [check_key(key) for key in _list(doc, "keys")]
 
 
-def _rows(doc: dict[str, Any]) -> list[tuple[str, int, codec.Payload]]:
+def rows_of(doc: dict[str, Any]) -> list[tuple[str, int, codec.Payload]]:
     """Every (key, tag, payload) of ``{"items": [[key, type, payload], ...]}``, checked."""
     rows = []
     for i, item in enumerate(_list(doc, "items")):
@@ -110,7 +121,7 @@ def _rows(doc: dict[str, Any]) -> list[tuple[str, int, codec.Payload]]:
     return rows
 
 
-def _ttl(doc: dict[str, Any]) -> float | None:
+def ttl_of_doc(doc: dict[str, Any]) -> float | None:
     ttl = doc.get("ttl")
     if ttl is None:
         return None
@@ -141,7 +152,7 @@ async def get_many(request: web.Request, state: NodeState) -> web.StreamResponse
     doc = await _read_doc(request, state)
     if isinstance(doc, web.Response):
         return doc
-    keys = _keys(doc)
+    keys = keys_of(doc)
     rows = await store_call(state, _get_rows, state.store, keys)
     state.hits += len(rows)
     state.misses += len(keys) - len(rows)
@@ -155,41 +166,40 @@ async def set_many(request: web.Request, state: NodeState) -> web.StreamResponse
     doc = await _read_doc(request, state)
     if isinstance(doc, web.Response):
         return doc
-    rows = _rows(doc)
-    ttl = _ttl(doc)
+    rows = rows_of(doc)
+    ttl = ttl_of_doc(doc)
     if ttl is not None and ttl <= 0:  # as Cache.set_many: a ttl <= 0 removes the keys
-        await store_call(state, state.store.delete_many, [row[0] for row in rows])
+        _, written = await versioned_call(state, state.store.delete_many,
+                                          [row[0] for row in rows])
         _forget(state, [row[0] for row in rows])
-        return ok({"stored": 0, "expires_at": None})
+        return ok({"stored": 0, "expires_at": None}, written)
     expire_at = None if ttl is None else state.store.clock() + ttl
-    await store_call(state, state.store.set_many,
-                     [(key, tag, payload, expire_at) for key, tag, payload in rows])
+    _, written = await versioned_call(
+        state, state.store.set_many, [(key, tag, payload, expire_at) for key, tag, payload in rows])
     _forget(state, [row[0] for row in rows])
-    return ok({"stored": len(rows), "expires_at": expire_at})
+    return ok({"stored": len(rows), "expires_at": expire_at},
+              {**expires_headers(expire_at), **written})
 
 
 async def delete_many(request: web.Request, state: NodeState) -> web.StreamResponse:
     doc = await _read_doc(request, state)
     if isinstance(doc, web.Response):
         return doc
-    keys = _keys(doc)
-    deleted = await store_call(state, state.store.delete_many, keys)
+    keys = keys_of(doc)
+    deleted, written = await versioned_call(state, state.store.delete_many, keys)
     _forget(state, keys)
-    return ok({"deleted": deleted})
+    return ok({"deleted": deleted}, written)
 
 
 async def pull_value(request: web.Request, state: NodeState) -> web.StreamResponse:
     key = check_key(request.match_info["key"])
-    row = await store_call(state, state.store.pull, key)
+    row, written = await versioned_call(state, state.store.pull, key)
     state.forget(key)
-    if row is None:
-        return _not_found()
-    tag, payload, expire_at = row
-    headers = CIMultiDict({p.TYPE_HEADER: p.TYPE_NAMES[tag],
-                           "Content-Type": p.CONTENT_TYPES[tag]})
-    if expire_at is not None:
-        headers[p.EXPIRES_HEADER] = repr(float(expire_at))
-    return web.Response(body=p.payload_to_body(tag, payload), headers=headers)
+    if row is None:  # a pull of an expired row still deletes it (then: its version)
+        resp = _not_found()
+        resp.headers.update(written)
+        return resp
+    return row_answer(row[0], row[1], row[2], written)
 
 
 async def ttl_value(request: web.Request, state: NodeState) -> web.StreamResponse:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from types import ModuleType, TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from .. import codec
@@ -33,6 +33,9 @@ from . import protocol as p
 from .transport import Response, Target, check_header_value, make_transport, tls_context
 
 TYPE_KEY = p.TYPE_HEADER.lower()
+VERSION_KEY = p.VERSION_HEADER.lower()
+ORIGIN_KEY = p.ORIGIN_HEADER.lower()
+EXPIRES_KEY = p.EXPIRES_HEADER.lower()
 DEFAULT_LOCK_TTL = 10.0
 T = TypeVar("T")
 
@@ -76,6 +79,17 @@ def _msgpack() -> ModuleType:
         raise ImportError("RemoteCache's many-key methods need msgpack: "
                           "pip install 'hypercacheio[client]'") from None
     return msgpack
+
+
+class Written(NamedTuple):
+    """What a node said about a write it committed: its version and the node that gave it
+    (``version`` 0: the write took none, it changed nothing), and the expiry it stored.
+    A secondary applies the write locally with them (``hypercacheio.replication.forward``).
+    """
+
+    version: int
+    origin: str
+    expire_at: float | None
 
 
 class RemoteCache:
@@ -384,6 +398,108 @@ class RemoteCache:
             if got:
                 lock.release()
 
+    # ---- writes answering their version (a secondary's Cache: replication/forward.py) -----
+    # Keys are given checked, values encoded, ttls as seconds (None: never; > 0).
+
+    def _written(self, resp: Response) -> Written:
+        headers = resp.headers
+        try:
+            version = int(headers.get(VERSION_KEY) or 0)
+            expires = headers.get(EXPIRES_KEY)
+            expire_at = None if expires is None else float(expires)
+        except ValueError as exc:
+            raise NodeUnavailable(f"node at {self._where()} sent an unreadable version or "
+                                  f"expiry header: {exc}") from exc
+        return Written(version, headers.get(ORIGIN_KEY, ""), expire_at)
+
+    def _set_written(self, key: str, tag: int, payload: codec.Payload,
+                     seconds: float | None) -> Written:
+        headers = dict(self._headers)
+        headers[p.TYPE_HEADER] = p.TYPE_NAMES[tag]
+        if seconds is not None:
+            headers[p.TTL_HEADER] = repr(float(seconds))
+        return self._written(self._request("POST", "/cache/" + _quote_key(key),
+                                           body=p.payload_to_body(tag, payload),
+                                           headers=headers))
+
+    def _add_written(self, key: str, tag: int, payload: codec.Payload,
+                     seconds: float | None) -> tuple[bool, Written]:
+        headers = dict(self._headers)
+        headers[p.TYPE_HEADER] = p.TYPE_NAMES[tag]
+        if seconds is not None:
+            headers[p.TTL_HEADER] = repr(float(seconds))
+        resp = self._request("POST", "/add/" + _quote_key(key),
+                             body=p.payload_to_body(tag, payload), headers=headers,
+                             idempotent=False)
+        return bool(self._json(resp).get("added")), self._written(resp)
+
+    def _set_many_written(self, rows: list[tuple[str, int, codec.Payload]],
+                          seconds: float | None) -> Written:
+        items = [[key, p.TYPE_NAMES[tag], p.payload_to_body(tag, payload)]
+                 for key, tag, payload in rows]
+        body, headers = self._pack({"items": items, "ttl": seconds})
+        return self._written(self._request("POST", "/many/set", body, headers))
+
+    def _delete_written(self, key: str) -> tuple[bool, Written]:
+        resp = self._request("DELETE", "/cache/" + _quote_key(key))
+        return bool(self._json(resp).get("deleted")), self._written(resp)
+
+    def _delete_many_written(self, keys: list[str]) -> tuple[int, Written]:
+        body, headers = self._pack({"keys": keys})
+        resp = self._request("POST", "/many/delete", body, headers)
+        return int(self._json(resp).get("deleted", 0)), self._written(resp)
+
+    def _pull_written(self, key: str) -> tuple[tuple[int, codec.Payload] | None, Written]:
+        """The pulled (tag, payload) (None if missing) and the version of the delete."""
+        resp = self._request("POST", "/pull/" + _quote_key(key), idempotent=False)
+        if resp.status == 404:
+            return None, self._written(resp)
+        tag = p.TYPE_TAGS.get(resp.headers.get(TYPE_KEY, "bytes"), codec.TAG_BYTES)
+        try:
+            payload = p.body_to_payload(tag, resp.body)
+        except ValueError as exc:
+            raise NodeUnavailable(f"node at {self._where()} sent an unreadable value for "
+                                  f"POST /pull: {exc}") from exc
+        return (tag, payload), self._written(resp)
+
+    def _incr_written(self, key: str, delta: int, seconds_if_new: float | None,
+                      create: bool = True) -> tuple[int, Written]:
+        """The counter's new value; KeyError when missing and not ``create``."""
+        fields = {"delta": str(delta)}
+        if seconds_if_new is not None:
+            fields["ttl"] = repr(float(seconds_if_new))
+        if not create:
+            fields["create"] = "false"
+        resp = self._request("POST", "/incr/" + _quote_key(key), fields=fields,
+                             idempotent=False)
+        if resp.status == 404:
+            raise KeyError(key)
+        return int(self._json(resp)["value"]), self._written(resp)
+
+    def _touch_written(self, key: str, seconds: float | None
+                       ) -> tuple[tuple[int, codec.Payload] | None, Written]:
+        """The touched row's (tag, payload) (None if the key was missing), for a ttl > 0
+        or None."""
+        headers = dict(self._headers)
+        headers[p.RETURN_HEADER] = "row"
+        if seconds is not None:
+            headers[p.TTL_HEADER] = repr(float(seconds))
+        resp = self._request("POST", "/touch/" + _quote_key(key), headers=headers,
+                             idempotent=False)
+        if resp.status == 404:
+            return None, self._written(resp)
+        tag = p.TYPE_TAGS.get(resp.headers.get(TYPE_KEY, "bytes"), codec.TAG_BYTES)
+        try:
+            payload = p.body_to_payload(tag, resp.body)
+        except ValueError as exc:
+            raise NodeUnavailable(f"node at {self._where()} sent an unreadable value for "
+                                  f"POST /touch: {exc}") from exc
+        return (tag, payload), self._written(resp)
+
+    def _clear_written(self) -> tuple[int, Written]:
+        resp = self._request("DELETE", "/cache")
+        return int(self._json(resp).get("cleared", 0)), self._written(resp)
+
     # ---- locks -----------------------------------------------------------------------
 
     def lock(self, name: str, ttl: float | timedelta | None = DEFAULT_LOCK_TTL,
@@ -484,4 +600,4 @@ class RemoteLock(Lock):
     """A lock held on a node: the same object as a local Lock, its backend a RemoteCache."""
 
 
-__all__ = ["RemoteCache", "RemoteLock", "RequestRejected"]
+__all__ = ["RemoteCache", "RemoteLock", "RequestRejected", "Written"]

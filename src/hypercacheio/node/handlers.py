@@ -11,22 +11,28 @@ import hmac
 import logging
 import math
 import os
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from .. import codec
 from ..codec import check_key
+from ..errors import QuorumUnavailable
 from ..l1 import ABSENT, MISS
 from ..store import Store
 from . import openapi as openapi_document
 from . import protocol as p
+from . import replica_routes
 from .guard import JSON_TYPE, BadRequest, authorize, error, ok
 from .state import NodeState, store_call
 
 log = logging.getLogger("hypercacheio.node.api")
 
 OWNER_MAX_BYTES = 256
+T = TypeVar("T")
 
 
 # ---- request parsing --------------------------------------------------------------------
@@ -62,6 +68,37 @@ def expire_at_of(store: Store, ttl: float | None) -> float | None:
 
 def expires_headers(expire_at: float | None) -> dict[str, str]:
     return {} if expire_at is None else {p.EXPIRES_HEADER: repr(float(expire_at))}
+
+
+def _run_versioned(store: Store, fn: Callable[..., T], *args: Any) -> tuple[T, int]:
+    """``fn(*args)`` and the version it committed in this thread (0: it wrote nothing)."""
+    before = store.last_version()
+    result = fn(*args)
+    after = store.last_version()
+    return result, (after if after != before else 0)
+
+
+async def versioned_call(state: NodeState, fn: Callable[..., T], *args: Any
+                         ) -> tuple[T, dict[str, str]]:
+    """A store write through ``store_call``, with the headers that tell a secondary the
+    version the write took (none when it wrote nothing): ``VERSION_HEADER`` and
+    ``ORIGIN_HEADER`` (see ``hypercacheio.replication.forward``)."""
+    result, version = await store_call(state, _run_versioned, state.store, fn, *args)
+    if not version:
+        return result, {}
+    return result, {p.VERSION_HEADER: str(version), p.ORIGIN_HEADER: state.store.node_id}
+
+
+def row_answer(tag: int, payload: codec.Payload, expire_at: float | None,
+               extra: dict[str, str] | None = None) -> web.Response:
+    """A stored value as GET answers it: the body, its type and expiry headers."""
+    headers = CIMultiDict({p.TYPE_HEADER: p.TYPE_NAMES[tag],
+                           "Content-Type": p.CONTENT_TYPES[tag]})
+    if expire_at is not None:
+        headers[p.EXPIRES_HEADER] = repr(float(expire_at))
+    if extra:
+        headers.update(extra)
+    return web.Response(body=p.payload_to_body(tag, payload), headers=headers)
 
 
 async def read_body(request: web.Request, state: NodeState, limit: int) -> bytes:
@@ -179,11 +216,11 @@ async def set_value(request: web.Request, state: NodeState) -> web.StreamRespons
     tag, payload = await value_of(request, state)
     state.forget(key)
     if ttl is not None and ttl <= 0:  # as Cache.set: a ttl <= 0 removes the key
-        await store_call(state, state.store.delete, key)
-        return ok({"stored": True, "expires_at": None})
+        _, written = await versioned_call(state, state.store.delete, key)
+        return ok({"stored": True, "expires_at": None}, written)
     expire_at = expire_at_of(state.store, ttl)
-    await store_call(state, state.store.set, key, tag, payload, expire_at)
-    return ok({"stored": True, "expires_at": expire_at}, expires_headers(expire_at))
+    _, written = await versioned_call(state, state.store.set, key, tag, payload, expire_at)
+    return ok({"stored": True, "expires_at": expire_at}, {**expires_headers(expire_at), **written})
 
 
 async def add_value(request: web.Request, state: NodeState) -> web.StreamResponse:
@@ -193,25 +230,36 @@ async def add_value(request: web.Request, state: NodeState) -> web.StreamRespons
     if ttl is not None and ttl <= 0:
         return ok({"added": False, "expires_at": None})
     expire_at = expire_at_of(state.store, ttl)
-    added = await store_call(state, state.store.add, key, tag, payload, expire_at)
+    mesh = state.mesh
+    if mesh is not None and mesh.quorum is not None and not state.settings.ha_local_add:
+        try:  # active-active: one winner cluster-wide (replication/quorum.py)
+            added = await mesh.run(mesh.quorum.add(key, tag, payload, expire_at))
+        except QuorumUnavailable as exc:
+            return error(503, "quorum_unavailable", str(exc))
+        if added:
+            state.forget(key)
+        expire_at = expire_at if added else None
+        return ok({"added": added, "expires_at": expire_at}, expires_headers(expire_at))
+    added, written = await versioned_call(state, state.store.add, key, tag, payload, expire_at)
     if added:
         state.forget(key)
     expire_at = expire_at if added else None
-    return ok({"added": added, "expires_at": expire_at}, expires_headers(expire_at))
+    return ok({"added": added, "expires_at": expire_at}, {**expires_headers(expire_at), **written})
 
 
 async def delete_value(request: web.Request, state: NodeState) -> web.StreamResponse:
     key = key_of(request)
     state.forget(key)
-    return ok({"deleted": await store_call(state, state.store.delete, key)})
+    deleted, written = await versioned_call(state, state.store.delete, key)
+    return ok({"deleted": deleted}, written)
 
 
 async def clear_values(request: web.Request, state: NodeState) -> web.StreamResponse:
-    count = await store_call(state, state.store.clear)
+    count, written = await versioned_call(state, state.store.clear)
     if state.l1 is not None:
         state.l1.clear()  # the tokens moved already; this frees the memory
     log.info("cache cleared through the API (%d rows)", count)
-    return ok({"cleared": count})
+    return ok({"cleared": count}, written)
 
 
 async def touch_value(request: web.Request, state: NodeState) -> web.StreamResponse:
@@ -219,11 +267,19 @@ async def touch_value(request: web.Request, state: NodeState) -> web.StreamRespo
     ttl = ttl_of(request)
     state.forget(key)
     if ttl is not None and ttl <= 0:
-        return ok({"touched": await store_call(state, state.store.delete, key), "expires_at": None})
+        deleted, written = await versioned_call(state, state.store.delete, key)
+        return ok({"touched": deleted, "expires_at": None}, written)
     expire_at = expire_at_of(state.store, ttl)
-    touched = await store_call(state, state.store.touch, key, expire_at)
+    if request.headers.get(p.RETURN_HEADER, "").strip().lower() == "row":
+        # A secondary's touch: the touched row, which it applies whole (see protocol.py).
+        row, written = await versioned_call(state, state.store.touch_row, key, expire_at)
+        if row is None:
+            return _not_found()
+        return row_answer(row[0], row[1], row[2], written)
+    touched, written = await versioned_call(state, state.store.touch, key, expire_at)
     expire_at = expire_at if touched else None
-    return ok({"touched": touched, "expires_at": expire_at}, expires_headers(expire_at))
+    return ok({"touched": touched, "expires_at": expire_at},
+              {**expires_headers(expire_at), **written})
 
 
 async def incr_value(request: web.Request, state: NodeState) -> web.StreamResponse:
@@ -240,15 +296,19 @@ async def incr_value(request: web.Request, state: NodeState) -> web.StreamRespon
     ttl = ttl_of(request)
     if ttl is not None and ttl <= 0:
         raise BadRequest("ttl for a new counter must be > 0 seconds")
+    create = flag(request, "create") if "create" in request.query else True
     state.forget(key)
     try:
-        value = await store_call(state, state.store.incr, key, delta,
-                                 expire_at_of(state.store, ttl))
+        (value, expire_at), written = await versioned_call(
+            state, partial(state.store.incr_row, create=create), key, delta,
+            expire_at_of(state.store, ttl))
+    except KeyError:
+        return error(404, "not_found", "no live counter under this key (create=false)")
     except TypeError as exc:
         return error(409, "not_integer", str(exc))
     except OverflowError as exc:
         return error(409, "overflow", str(exc))
-    return ok({"value": value})
+    return ok({"value": value}, {**expires_headers(expire_at), **written})
 
 
 # ---- locks --------------------------------------------------------------------------------
@@ -260,6 +320,21 @@ async def acquire_lock(request: web.Request, state: NodeState) -> web.StreamResp
     if ttl is not None and ttl <= 0:
         raise BadRequest("lock ttl must be > 0 seconds (or absent: held until released)")
     expire_at = expire_at_of(state.store, ttl)
+    mesh = state.mesh
+    if mesh is not None and mesh.quorum is not None:  # active-active: by majority
+        quorum = mesh.quorum
+        try:
+            if flag(request, "extend"):
+                extended = await mesh.run(quorum.extend(name, owner, expire_at))
+                info = await store_call(state, state.store.lock_info, name) if extended else None
+                return ok({"acquired": extended, "owner": owner,
+                           "fence": info[2] if info else None,
+                           "expires_at": expire_at if extended else None})
+            fence = await mesh.run(quorum.acquire(name, owner, expire_at))
+        except QuorumUnavailable as exc:
+            return error(503, "quorum_unavailable", str(exc))
+        return ok({"acquired": fence is not None, "owner": owner, "fence": fence,
+                   "expires_at": expire_at if fence is not None else None})
     if flag(request, "extend"):
         extended = await store_call(state, state.store.lock_extend, name, owner, expire_at)
         info = await store_call(state, state.store.lock_info, name) if extended else None
@@ -273,9 +348,13 @@ async def acquire_lock(request: web.Request, state: NodeState) -> web.StreamResp
 
 async def release_lock(request: web.Request, state: NodeState) -> web.StreamResponse:
     name = key_of(request)
-    if flag(request, "force"):
-        return ok({"released": await store_call(state, state.store.lock_force_release, name)})
+    mesh = state.mesh
+    force = flag(request, "force")
     owner = owner_of(request)
+    if mesh is not None and mesh.quorum is not None and (force or owner is not None):
+        return ok({"released": await mesh.run(mesh.quorum.release(name, owner or "", force))})
+    if force:
+        return ok({"released": await store_call(state, state.store.lock_force_release, name)})
     if owner is None:
         return ok({"released": False,
                    "reason": "give owner= (the token the lock was acquired with) or force=true"})
@@ -316,6 +395,8 @@ async def ping(request: web.Request, state: NodeState) -> web.StreamResponse:
         "wal_bytes": stats["wal_bytes"],
         "peers": list(s.peer_addrs),
         "secondaries": list(s.secondary_urls),
+        "replication": replica_routes.ping_doc(state),
+        **({"mesh": state.mesh.status()} if state.mesh is not None else {}),
     })
 
 
@@ -347,6 +428,13 @@ async def metrics(request: web.Request, state: NodeState) -> web.StreamResponse:
         ("l1_repairs_total", "Times the L1 token file was found truncated or replaced and "
          "mapped again.", state.store.tokens.repairs),
     ]
+    if state.primary is not None:  # a secondary: its writes go to the primary
+        counters += [
+            ("forwarded_total", "Writes and lock calls this secondary sent to its primary "
+             "and got an answer to.", state.primary.forwarded),
+            ("forward_failures_total", "Writes and lock calls the primary did not answer "
+             "(or refused this node's token); answered 503 or 502.", state.primary.failures),
+        ]
     gauges = [
         ("entries", "Live entries in the store.", stats["entries"]),
         ("locks", "Locks held.", stats["locks"]),
@@ -363,6 +451,9 @@ async def metrics(request: web.Request, state: NodeState) -> web.StreamResponse:
             lines += [f"# HELP hypercacheio_{name} {help_text}",
                       f"# TYPE hypercacheio_{name} {kind}",
                       f"hypercacheio_{name} {value}"]
+    lines += replica_routes.metric_lines(state)
+    if state.mesh is not None:
+        lines += state.mesh.metric_lines()
     return web.Response(text="\n".join(lines) + "\n",
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

@@ -34,6 +34,14 @@ EXPIRES = {p.EXPIRES_HEADER: {
     "description": "Absolute expiry, seconds since the Unix epoch (absent: never expires).",
     "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?$"}}}
 
+VERSIONED = {
+    p.VERSION_HEADER: {"description": "The version the write took (hybrid logical clock, "
+                       "decimal); absent when it changed nothing. A secondary applies the "
+                       "write locally at this version.", "schema": {"type": "string"}},
+    p.ORIGIN_HEADER: {"description": "The id of the node that gave the version.",
+                      "schema": {"type": "string"}}}
+WRITTEN = {**EXPIRES, **VERSIONED}
+
 KEY = {"name": "key", "in": "path", "required": True,
        "description": "The key (percent-encoded; non-empty, at most 1024 UTF-8 bytes).",
        "schema": {"type": "string", "minLength": 1}}
@@ -104,6 +112,9 @@ SCHEMAS: dict[str, Any] = {
     "StoredMany": {"type": "object", "required": ["stored", "expires_at"],
                    "properties": {"stored": {"type": "integer"},
                                   "expires_at": _nullable("number")}},
+    "Replicated": {"type": "object", "required": ["acked", "applied", "skipped"],
+                   "properties": {"acked": _nullable("integer"), "applied": {"type": "integer"},
+                                  "skipped": {"type": "integer"}}},
     "DeletedMany": {"type": "object", "required": ["deleted"],
                     "properties": {"deleted": {"type": "integer"}}},
     "TTL": {"type": "object", "required": ["ttl", "expires_at"],
@@ -134,11 +145,12 @@ PATHS: dict[str, Any] = {
             "404": _error("No live value under this key."), **WITH_KEY}},
         "post": {"operationId": "set", "summary": "Store a value (replaces any).",
                  "parameters": [TTL_QUERY, TTL_HEAD, TYPE_HEAD], "requestBody": VALUE_BODY,
-                 "responses": {"200": _json("Stored.", "Stored", EXPIRES),
+                 "responses": {"200": _json("Stored.", "Stored", WRITTEN),
                                "413": _error("Value larger than the node's limit."),
                                **WITH_KEY}},
         "delete": {"operationId": "delete", "summary": "Remove a key.",
-                   "responses": {"200": _json("Whether a live value was removed.", "Deleted"),
+                   "responses": {"200": _json("Whether a live value was removed.", "Deleted",
+                                              VERSIONED),
                                  **WITH_KEY}},
     },
     "/cache": {
@@ -149,7 +161,7 @@ PATHS: dict[str, Any] = {
         "parameters": [KEY],
         "post": {"operationId": "add", "summary": "Store only if the key is missing or expired.",
                  "parameters": [TTL_QUERY, TTL_HEAD, TYPE_HEAD], "requestBody": VALUE_BODY,
-                 "responses": {"200": _json("Whether it was stored.", "Added", EXPIRES),
+                 "responses": {"200": _json("Whether it was stored.", "Added", WRITTEN),
                                "413": _error("Value larger than the node's limit."),
                                **WITH_KEY}},
     },
@@ -157,7 +169,7 @@ PATHS: dict[str, Any] = {
         "parameters": [KEY],
         "post": {"operationId": "touch", "summary": "Give a live key a new TTL from now.",
                  "parameters": [TTL_QUERY, TTL_HEAD],
-                 "responses": {"200": _json("Whether the key was there.", "Touched", EXPIRES),
+                 "responses": {"200": _json("Whether the key was there.", "Touched", WRITTEN),
                                **WITH_KEY}},
     },
     "/incr/{key}": {
@@ -170,8 +182,13 @@ PATHS: dict[str, Any] = {
                                  "default": 1}},
                      {**TTL_QUERY, "description": "TTL of a counter created by this call.",
                       "schema": {"type": "number", "exclusiveMinimum": 0}},
-                     POSITIVE_TTL_HEAD],
-                 "responses": {"200": _json("The new value.", "Counter"),
+                     POSITIVE_TTL_HEAD,
+                     {"name": "create", "in": "query", "required": False,
+                      "description": "false: a missing key is not created (404).",
+                      "schema": {"type": "boolean", "default": True}}],
+                 "responses": {"200": _json("The new value.", "Counter", WRITTEN),
+                               "404": _error("No live counter and create=false; nothing "
+                                             "changed."),
                                "409": _error("The value is not an integer (code not_integer) "
                                              "or would leave 64 bits (code overflow)."),
                                **WITH_KEY}},
@@ -228,6 +245,32 @@ PATHS: dict[str, Any] = {
                  "requestBody": MSGPACK_BODY,
                  "responses": {"200": _json("How many held live values.", "DeletedMany"),
                                **BATCH}},
+    },
+    "/replication/batch": {
+        "post": {"operationId": "replication_batch",
+                 "summary": "Apply a primary's oplog batch (what a primary pushes).",
+                 "description": "Body: a msgpack batch frame (hypercacheio.replication.frames)"
+                                ", validated whole before anything is applied. `acked`: the "
+                                "position this node now holds in the source's oplog.",
+                 "requestBody": MSGPACK_BODY,
+                 "responses": {"200": _json("Applied (records not newer were skipped).",
+                                            "Replicated"),
+                               "400": _error("Malformed frame; nothing applied."),
+                               "409": _error("need_snapshot: the batch does not follow this "
+                                             "node's position (send a snapshot); same_store."),
+                               "413": _error("Frame over the node's limit."), **COMMON}},
+    },
+    "/replication/snapshot": {
+        "post": {"operationId": "replication_snapshot",
+                 "summary": "Apply a chunk of a primary's snapshot.",
+                 "description": "Body: a msgpack snapshot chunk; the last one (`done`) records "
+                                "the snapshot's start position, returned as `acked`.",
+                 "requestBody": MSGPACK_BODY,
+                 "responses": {"200": _json("Applied.", "Replicated"),
+                               "400": _error("Malformed frame; nothing applied."),
+                               "409": _error("same_store: the frame comes from this node's "
+                                             "own database."),
+                               "413": _error("Frame over the node's limit."), **COMMON}},
     },
     "/pull/{key}": {
         "parameters": [KEY],

@@ -17,6 +17,16 @@ TOKEN_HEADER = "X-Hypercacheio-Token"
 TYPE_HEADER = "X-Hypercacheio-Type"
 TTL_HEADER = "X-Hypercacheio-TTL"
 EXPIRES_HEADER = "X-Hypercacheio-Expires-At"
+# HYPERCACHEIO_ASYNC=false: how many secondaries acknowledged a write before its answer
+REPLICAS_HEADER = "X-Hypercacheio-Replicas"
+# On the answer to a write that took a version: that version (the hybrid logical clock,
+# decimal) and the id of the node that gave it. A secondary applies the write locally with
+# them (read-your-writes; the push of the same record then changes nothing).
+VERSION_HEADER = "X-Hypercacheio-Version"
+ORIGIN_HEADER = "X-Hypercacheio-Origin"
+# Sent by a secondary with a touch: answer the touched value as a GET would (200, or 404 for
+# a missing key), so that it can apply the touch as the whole row.
+RETURN_HEADER = "X-Hypercacheio-Return"
 
 TYPE_NAMES: dict[int, str] = dict(codec.TAGS)
 TYPE_TAGS: dict[str, int] = {name: tag for tag, name in TYPE_NAMES.items()}

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import batch
+from . import batch, forward_routes, replica_routes
 from . import handlers as h
 from . import protocol as p
 from .guard import StateHandler, guarded
@@ -46,6 +46,7 @@ ROUTES: list[Route] = [
     ("GET", "/metrics", h.metrics, "metrics"),
     ("GET", "/openapi.json", h.openapi, "openapi"),
     *batch.ROUTES,
+    *replica_routes.ROUTES,
 ]
 
 
@@ -109,6 +110,7 @@ def build_app(state: NodeState) -> web.Application:
     app = web.Application(client_max_size=state.options.max_value_bytes + 1024)
     app[STATE] = state
     resources: dict[str, tuple[web.Resource, set[str]]] = {}
+    forwarded = forward_routes.install(app, state)  # a secondary's writes: to its primary
     for method, path, handler, name in ROUTES:
         if path not in resources:
             resource: web.Resource
@@ -119,6 +121,9 @@ def build_app(state: NodeState) -> web.Application:
                 resource = app.router.add_resource(p.PREFIX + path)
             resources[path] = (resource, set())
         resource, methods = resources[path]
+        handler = forwarded.get(name, handler)
+        if name in replica_routes.WRITE_OPS:  # HYPERCACHEIO_ASYNC=false waits there
+            handler = replica_routes.synced(handler)
         resource.add_route(method, guarded(state, name, handler))
         methods.add(method)
     # Another method on a known path: 405 with Allow, as aiohttp's router would say.

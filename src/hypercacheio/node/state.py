@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -23,6 +23,11 @@ from ..l1 import L1
 from ..store import Store
 from .gc import Collector
 from .options import NodeOptions
+
+if TYPE_CHECKING:
+    from ..replication.mesh import Mesh
+    from ..replication.push import Pusher
+    from .forward_routes import Primary
 
 T = TypeVar("T")
 
@@ -78,6 +83,13 @@ class NodeState:
         self.hits = 0
         self.misses = 0
         self.collector: Collector | None = None  # set by the daemon
+        self.replication: Pusher | None = None  # a primary's push (set by the daemon)
+        self.mesh: Mesh | None = None  # active-active replication (set by the daemon)
+        self.primary: Primary | None = None  # a secondary's writes go there (forward_routes)
+        self.replica_batches = 0  # replication frames applied here (replica_routes.py)
+        self.replica_snapshot_chunks = 0
+        self.replica_rows = 0
+        self.replica_refused = 0
         self.openapi: bytes | None = None
         # The node's coherent memory for GET answers: the same L1 an app's Cache uses, its
         # entries the (body, headers) of the response, its default fill answering MISS.
