@@ -353,3 +353,44 @@ def test_transport_errors_are_shortened() -> None:
     refused = wrapped(NewConnectionError(conn, "Failed to establish a new connection: "
                                                "[Errno 111] Connection refused"))
     assert chk._describe(refused) == "connection failed: [Errno 111] Connection refused"
+
+
+@pytest.fixture(scope="module")
+def own_token_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    """A node started as a new user starts it: no token set, so it generates node.token."""
+    directory = tmp_path_factory.mktemp("own")
+    with Node(str(directory), token=None) as running:  # type: ignore[arg-type]
+        yield RunningNode(running.port, directory, running.url, "")
+
+
+def test_check_finds_the_node_of_its_storage_directory(own_token_node: RunningNode) -> None:
+    """No HYPERCACHEIO_SERVER_TYPE, no port, no token: the pid file in the storage directory
+    says a node runs, and where; its node.token says which token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERCACHEIO_")}
+    env.update({"HYPERCACHEIO_SQLITE_PATH": str(own_token_node.directory), "COLUMNS": "200"})
+    proc = run_cli(env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Server type: NODE" in out and "EMBEDDED" not in out
+    assert "found by its pid file" in out and f"port {own_token_node.port}" in out
+    assert own_token_node.url in out
+    assert "all 6 checks passed" in out
+    assert f"storage: {own_token_node.directory}" in proc.stderr
+
+
+def test_wrong_directory_advice_names_the_directory(own_token_node: RunningNode,
+                                                    tmp_path: Path) -> None:
+    """Pointed at another directory, the check has no token for the node: the advice says
+    to fix the directory, not that the hosts disagree on the token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERCACHEIO_")}
+    env.update({"HYPERCACHEIO_SQLITE_PATH": str(tmp_path / "elsewhere"), "COLUMNS": "200",
+                "HYPERCACHEIO_SERVER_TYPE": "node",
+                "HYPERCACHEIO_NODE_PORT": str(own_token_node.port)})
+    proc = run_cli(env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "authentication failed" in out
+    assert "--directory" in out and "HYPERCACHEIO_SQLITE_PATH" in out
+    assert "set the same HYPERCACHEIO_API_TOKEN on every host" not in out
+    token = (own_token_node.directory / "node.token").read_text().strip()
+    assert token not in out

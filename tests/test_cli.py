@@ -25,8 +25,16 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 
 def run(runner: CliRunner, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Exit code and everything printed (stdout and stderr)."""
     result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
     return result.exit_code, result.output
+
+
+def run_out(runner: CliRunner, *args: str, env: dict[str, str] | None = None
+            ) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr apart."""
+    result = runner.invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
 
 
 def test_install_creates_then_is_idempotent(runner: CliRunner, tmp_path: Path) -> None:
@@ -49,6 +57,7 @@ def test_install_writes_env_file_without_the_token(runner: CliRunner, tmp_path: 
     assert f"HYPERCACHEIO_SQLITE_PATH={d}\n" in text
     assert "HYPERCACHEIO_NODE_PORT=9123\n" in text
     assert secret not in text and secret not in out
+    assert "HYPERCACHEIO_API_TOKEN" not in text  # not even a placeholder that would load
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
 
 
@@ -57,15 +66,17 @@ def test_admin_verbs(runner: CliRunner, tmp_path: Path) -> None:
     assert run(runner, "set", "-d", d, "greeting", "hello")[0] == 0
     assert run(runner, "set", "-d", d, "n", "41", "--type", "int")[0] == 0
     assert run(runner, "set", "-d", d, "doc", '{"a": [1]}', "--type", "json")[0] == 0
-    assert run(runner, "get", "-d", d, "greeting") == (0, "hello\n")
-    assert run(runner, "get", "-d", d, "doc") == (0, "{'a': [1]}\n")
+    assert run_out(runner, "get", "-d", d, "greeting")[:2] == (0, "hello\n")
+    assert run_out(runner, "get", "-d", d, "doc")[:2] == (0, '{"a": [1]}\n')  # JSON back
+    assert json.loads(run_out(runner, "get", "-d", d, "doc")[1]) == {"a": [1]}
     assert Cache(d).incr("n") == 42  # stored as an integer
-    code, out = run(runner, "stats", "-d", d, "--json")
-    assert code == 0 and json.loads(out)["entries"] == 3
+    code, out, err = run_out(runner, "stats", "-d", d, "--json")
+    assert code == 0 and json.loads(out)["entries"] == 3  # stdout is JSON only
+    assert f"storage: {d}" in err
     assert run(runner, "delete", "-d", d, "greeting")[0] == 0
     assert run(runner, "delete", "-d", d, "greeting")[0] == 1
     assert run(runner, "get", "-d", d, "greeting")[0] == 1
-    assert run(runner, "clear", "-d", d, "--yes") == (0, "cleared\n")
+    assert run_out(runner, "clear", "-d", d, "--yes")[:2] == (0, "cleared\n")
     assert Cache(d).get("n") is None
 
 
@@ -114,3 +125,97 @@ def test_console_script_runs(tmp_path: Path) -> None:
     version = subprocess.run([*argv, "--version"], env=env, capture_output=True, text=True,
                              timeout=60, check=True).stdout
     assert "hypercacheio" in version
+
+
+def test_every_store_verb_names_its_directory(runner: CliRunner, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one rule: --directory, else HYPERCACHEIO_SQLITE_PATH, else the XDG default; each
+    verb says which on stderr."""
+    d = str(tmp_path / "from-env")
+    for args in (["install"], ["stats"], ["set", "k", "v"], ["get", "k"], ["delete", "k"],
+                 ["purge"], ["clear", "--yes"]):
+        code, _, err = run_out(runner, *args, env={"HYPERCACHEIO_SQLITE_PATH": d})
+        assert f"storage: {d}\n" in err, (args, err)
+    xdg = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    code, _, err = run_out(runner, "set", "k", "v")
+    assert code == 0 and f"storage: {xdg / 'hypercacheio'}" in err
+    assert Cache(str(xdg / "hypercacheio")).get("k") == "v"
+
+
+def test_long_values_are_not_folded_in_a_pipe(runner: CliRunner, tmp_path: Path) -> None:
+    """Without a terminal (CliRunner, a pipe) rich would wrap at 80 columns mid-word."""
+    d = str(tmp_path / ("a-rather-long-directory-name-" * 4))
+    key = "k-" + "x" * 150
+    code, out, _ = run_out(runner, "set", "-d", d, key, "v")
+    assert code == 0 and f"stored '{key}'" in out
+    code, out, _ = run_out(runner, "install", "-d", d)
+    assert code == 0 and d in out  # the path in one piece, in the table too
+    proc = subprocess.run([sys.executable, "-m", "hypercacheio.cli", "set", "-d", d, key, "v"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and f"stored '{key}'\n" == proc.stdout
+    assert f"storage: {d}\n" == proc.stderr
+
+
+def test_import_does_not_load_the_http_client() -> None:
+    code = ("import sys, hypercacheio\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('urllib3', 'httptools', 'aiohttp') or m.startswith('hypercacheio.node'))\n"
+            "print(','.join(bad))\n"
+            "assert hypercacheio.RemoteCache.__name__ == 'RemoteCache'\n"
+            "assert 'hypercacheio.node.client' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    import hypercacheio
+
+    assert hypercacheio.__version__ == version("hypercacheio")
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'version = "{hypercacheio.__version__}"' in text
+    source = Path(hypercacheio.__file__).read_text()
+    assert f'__version__ = "{hypercacheio.__version__}"' not in source
+
+
+def test_settings_to_env_round_trips(tmp_path: Path) -> None:
+    from hypercacheio import Settings
+
+    s = Settings(directory=str(tmp_path), prefix="p:", default_ttl=30, peer_addrs=("a:1", "b:2"),
+                 api_token="tok-1234", allow_network_fs=True)
+    env = s.to_env(environ={})
+    assert Settings.from_env(env) == s
+    assert "HYPERCACHEIO_MAX_BYTES" not in env  # None: absent
+    assert "HYPERCACHEIO_API_TOKEN" not in s.to_env(token=False)
+    default = Settings(directory=str(tmp_path))
+    assert "HYPERCACHEIO_API_TOKEN" not in default.to_env(environ={})  # the node's own
+    assert default.to_env(environ={"HYPERCACHEIO_API_TOKEN": "changeme"})[
+        "HYPERCACHEIO_API_TOKEN"] == "changeme"
+
+
+def test_one_api_path() -> None:
+    """The literal lives in config.py only; everything else imports it."""
+    src = Path(__file__).parents[1] / "src" / "hypercacheio"
+    holders = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                     if '"/api/hypercacheio' in p.read_text())
+    assert holders == ["config.py"], holders
+
+
+def test_the_library_follows_the_same_directory_rule(tmp_path: Path) -> None:
+    """Cache() with no directory uses HYPERCACHEIO_SQLITE_PATH, as the CLI and the node do."""
+    d = tmp_path / "shared"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERCACHEIO_")}
+    env.update(HYPERCACHEIO_SQLITE_PATH=str(d), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    code = ("from hypercacheio import Cache; c = Cache(); c.set('k', 'v'); "
+            "print(c.settings.directory)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(d)
+    got = subprocess.run([sys.executable, "-m", "hypercacheio.cli", "get", "k"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert got.stdout == "v\n" and got.stderr == f"storage: {d}\n"

@@ -171,7 +171,7 @@ def test_options_are_validated() -> None:
 
 def test_token_resolution(tmp_path: Path) -> None:
     from hypercacheio import ConfigError, Settings
-    from hypercacheio.node.options import resolve_token
+    from hypercacheio.auth import resolve_token
 
     loopback = Settings(directory=str(tmp_path / "a"))
     token, generated = resolve_token(loopback, explicit=False)
@@ -195,3 +195,76 @@ def test_run_on_a_busy_port_says_so(tmp_path: Path) -> None:
         env = node_env(str(tmp_path / "busy"), busy.getsockname()[1])
         result = cli("node", "run", env=env)
     assert result.returncode == 1 and "already in use" in result.stderr
+
+
+def test_start_on_a_port_held_by_another_http_server_is_one_line(tmp_path: Path) -> None:
+    """Another web server answers on the port: no traceback, one line with the fix."""
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
+                              "127.0.0.1"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        assert wait_until(lambda: _listening(port), 10)
+        env = node_env(str(tmp_path / "d"), port)
+        result = cli("node", "start", "--wait", "5", env=env)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stdout + result.stderr
+        assert f"127.0.0.1:{port} is already in use by another program" in result.stderr
+        assert "--port" in result.stderr
+        assert not (tmp_path / "d" / "node.pid").exists()
+    finally:
+        other.terminate()
+        other.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.parametrize("verb", ["run", "start", "stop", "status", "restart"])
+def test_without_the_server_extra_every_verb_says_how_to_install(tmp_path: Path,
+                                                                 verb: str) -> None:
+    code = ("import sys\n"
+            "sys.modules['aiohttp'] = None  # as if the [server] extra were not installed\n"
+            "from hypercacheio.cli import main\n"
+            f"sys.argv = ['hypercacheio', 'node', {verb!r}]\n"
+            "main()\n")
+    env = node_env(str(tmp_path / "d"), free_port())
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "ModuleNotFoundError" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("storage:")]
+    assert len(lines) == 1 and "pip install 'hypercacheio[server]'" in lines[0], result.stderr
+
+
+def test_status_finds_a_node_started_on_another_port_by_its_pid_file(tmp_path: Path) -> None:
+    d = tmp_path / "n"
+    port = free_port()
+    env = node_env(str(d), 8080)  # the environment says 8080; the node runs on --port
+    started = cli("node", "start", "--port", str(port), env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        status = cli("node", "status", env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"127.0.0.1:{port}" in status.stdout
+        assert f"storage: {d}" in status.stderr
+    finally:
+        assert cli("node", "stop", env=env).returncode == 0
+
+
+def test_status_with_a_refused_token_says_so(tmp_path: Path) -> None:
+    d = tmp_path / "n"
+    env = node_env(str(d), free_port())
+    assert cli("node", "start", env=env).returncode == 0
+    try:
+        wrong = dict(env, HYPERCACHEIO_API_TOKEN="not-the-token-123")
+        status = cli("node", "status", env=wrong)
+        assert status.returncode == 1 and "running (pid" in status.stdout
+        assert "refused this host's token" in status.stdout
+        assert json.loads(cli("node", "status", "--json", env=wrong).stdout)["state"] \
+            == "token refused"
+        assert "not-the-token-123" not in status.stdout + status.stderr
+    finally:
+        assert cli("node", "stop", env=env).returncode == 0

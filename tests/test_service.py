@@ -417,3 +417,43 @@ def test_launchctl_failure_is_reported(fake_tools: Path, tmp_path: Path) -> None
                        env={"FAKE_RC": "1"})
     assert code == 3
     assert "is not loaded" in out
+
+
+def test_make_says_the_file_holds_the_token_only_when_it_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("HYPERCACHEIO_"):
+            monkeypatch.delenv(name)
+    runner = CliRunner()
+    args = ["service", "make", "--kind", "systemd", "-d", str(tmp_path / "data")]
+    without = runner.invoke(main, [*args, "-o", str(tmp_path / "a.service")])
+    assert without.exit_code == 0, without.output
+    assert "contains HYPERCACHEIO_API_TOKEN" not in without.output
+    assert "No API token in it" in without.output and "node.token" in without.output
+    text = (tmp_path / "a.service").read_text()
+    assert "HYPERCACHEIO_API_TOKEN" not in text and "holds the API token" not in text
+    with_token = runner.invoke(main, [*args, "-o", str(tmp_path / "b.service")],
+                               env={"HYPERCACHEIO_API_TOKEN": "tok-5678-long"})
+    assert "It contains HYPERCACHEIO_API_TOKEN" in with_token.output
+    assert "holds the API token" in (tmp_path / "b.service").read_text()
+    in_env_file = runner.invoke(main, [*args, "-o", str(tmp_path / "c.service"),
+                                       "--env-file", str(tmp_path / "node.env")],
+                                env={"HYPERCACHEIO_API_TOKEN": "tok-5678-long"})
+    assert "It contains" not in in_env_file.output and "node.env" in in_env_file.output
+    assert "holds the API token" not in (tmp_path / "c.service").read_text()
+
+
+def test_every_writer_of_settings_variables_is_settings_to_env(settings: Settings,
+                                                               tmp_path: Path) -> None:
+    """Service files, `node start`'s child and Django's command carry the same variables."""
+    from hypercacheio.contrib.django.management.commands.hypercacheio import settings_env
+    from hypercacheio.node.supervise import child_env
+
+    expected = settings.to_env(environ={})
+    service = svc.service_environment(settings, environ={})
+    assert {k: service[k] for k in expected} == expected
+    child = child_env(settings, NodeOptions(), str(tmp_path / "node.log"))
+    assert {k: child[k] for k in settings.to_env(token=False)} == settings.to_env(token=False)
+    assert child["HYPERCACHEIO_NODE_PID_FILE"] == str(Path(settings.directory) / "node.pid")
+    assert child["HYPERCACHEIO_NODE_LOG_FILE"] == str(tmp_path / "node.log")
+    assert settings_env(settings) == settings.to_env()

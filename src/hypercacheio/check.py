@@ -9,30 +9,46 @@ Peers are configured as ``host:repl_port`` (the binary replication port), which 
 about their HTTP API port. The check assumes that every node of a cluster serves its HTTP
 API on the same port as this host (``HYPERCACHEIO_NODE_PORT``); pass ``--endpoint URL`` for a
 node where that is not true.
+
+The module runs to about 570 lines on purpose: endpoint discovery, the six checks, their
+cleanup and the report are one feature read top to bottom; the firewall advice is in
+``firewall.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import platform
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .config import Settings
-from .errors import AuthError, NodeUnavailable
+from .auth import FROM_DEFAULT, FROM_ENV, TOKEN_FILE, TOKEN_VAR, client_token
+from .config import API_PATH, Settings
+from .errors import AuthError, HypercacheioError, NodeUnavailable
+from .firewall import (  # noqa: F401 - part of this module's API
+    DEBIAN_LIKE,
+    OS_RELEASE,
+    RHEL_LIKE,
+    SOCKETFILTERFW,
+    firewall_advice,
+    firewall_family,
+    read_os_release,
+)
+
+if TYPE_CHECKING:
+    from .node.options import NodeOptions
+    from .node.supervise import LocalNode
 
 log = logging.getLogger(__name__)
 
 CHECKS = ("Ping", "Add", "Get", "Put", "Delete", "Lock")
 KEY_PREFIX = "hypercacheio:check:"
-API_PATH = "/api/hypercacheio"
 CHECK_TTL = 60.0
 """Every key and lock the check writes expires by itself, even if the cleanup cannot run."""
 LOCK_TTL = 30.0
@@ -40,10 +56,6 @@ LOOPBACK = "127.0.0.1"
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
-OS_RELEASE = "/etc/os-release"
-DEBIAN_LIKE = {"debian", "ubuntu", "linuxmint", "raspbian", "pop", "elementary", "kali"}
-RHEL_LIKE = {"rhel", "fedora", "centos", "rocky", "almalinux", "ol", "amzn", "scientific"}
-SOCKETFILTERFW = "/usr/libexec/ApplicationFirewall/socketfilterfw"
 
 
 class CheckFailed(Exception):
@@ -103,6 +115,7 @@ class ServerInfo:
     port: int
     listen_host: str
     directory: str
+    found: str = ""  # how a running node was found when the settings say embedded
 
 
 @dataclass
@@ -111,6 +124,7 @@ class Report:
     rows: list[CheckRow] = field(default_factory=list)
     unreachable: list[Endpoint] = field(default_factory=list)
     auth_failed: list[Endpoint] = field(default_factory=list)
+    token_source: str = FROM_ENV
 
     @property
     def ok(self) -> bool:
@@ -133,16 +147,8 @@ def api_url(host: str, port: int, scheme: str = "http") -> str:
 
 
 def check_token(settings: Settings, environ: Mapping[str, str] | None = None) -> str:
-    """The token a client on this host uses: HYPERCACHEIO_API_TOKEN when it is set, else the
-    token the local node generated for its directory, else the configured default."""
-    environ = os.environ if environ is None else environ
-    if "HYPERCACHEIO_API_TOKEN" in environ:
-        return settings.api_token
-    try:
-        from .node.options import read_token_file
-    except ImportError:  # pragma: no cover
-        return settings.api_token
-    return read_token_file(settings) or settings.api_token
+    """The token a client on this host uses (``hypercacheio.auth.client_token``)."""
+    return client_token(settings, environ)[0]
 
 
 def _local_tls(environ: Mapping[str, str] | None = None) -> bool:
@@ -230,8 +236,7 @@ def _network_reason(exc: BaseException) -> str:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, AuthError):
-        return ("authentication failed: the node refused the API token; this host and the "
-                "node must use the same HYPERCACHEIO_API_TOKEN")
+        return "authentication failed: the node refused the API token (see the advice below)"
     if is_connection_failure(exc):
         return f"connection failed: {_network_reason(exc)}"
     if isinstance(exc, NodeUnavailable):
@@ -383,13 +388,15 @@ def _check_remote(report: Report, endpoint: Endpoint, token: str, timeout: float
 
 
 def _check_local_node(report: Report, settings: Settings, token: str, timeout: float,
-                      factory: ClientFactory, redact: Callable[[str], str]) -> None:
-    """Ping the local node on 127.0.0.1, else on HYPERCACHEIO_NODE_HOST; check the first
-    that answers. When neither answers, one failed Ping row says what was tried."""
-    tls = _local_tls()
+                      factory: ClientFactory, redact: Callable[[str], str],
+                      found: LocalNode | None = None) -> None:
+    """Ping the local node (where its pid file says it listens, else on 127.0.0.1), else on
+    HYPERCACHEIO_NODE_HOST; check the first that answers. When none answers, one failed Ping
+    row says what was tried."""
+    tls = _local_tls() or bool(found and found.url.startswith("https:"))
     scheme = "https" if tls else "http"
-    candidates = [Endpoint("local node", api_url(LOOPBACK, settings.node_port, scheme),
-                           insecure=tls)]
+    first = found.url if found else api_url(LOOPBACK, settings.node_port, scheme)
+    candidates = [Endpoint("local node", first, insecure=tls)]
     if settings.node_host not in (LOOPBACK, "localhost"):
         candidates.append(Endpoint(
             "local node", api_url(settings.node_host, settings.node_port, scheme),
@@ -445,23 +452,49 @@ def _check_embedded(report: Report, settings: Settings, redact: Callable[[str], 
             cache.close()
 
 
+def local_node(settings: Settings, options: NodeOptions | None = None) -> LocalNode | None:
+    """The node running for this storage directory, found as the CLI finds it (its pid file,
+    and the address it recorded there)."""
+    try:
+        from .node.options import NodeOptions
+        from .node.supervise import find_local_node
+
+        return find_local_node(settings, options or NodeOptions.from_env())
+    except (ImportError, HypercacheioError) as exc:  # bad node options: say so, go on
+        log.warning("check: cannot look for a local node: %s", exc)
+        return None
+
+
 def run_check(settings: Settings, *, extra_endpoints: Iterable[str] = (),
               timeout: float | None = None, client_factory: ClientFactory = remote_client,
-              include_local: bool = True, token: str | None = None) -> Report:
-    """Run every check for ``settings`` and return the report (nothing is printed)."""
+              include_local: bool = True, token: str | None = None,
+              options: NodeOptions | None = None) -> Report:
+    """Run every check for ``settings`` and return the report (nothing is printed).
+
+    A node running for the storage directory is checked even when the settings say
+    ``embedded``: the report's server line says how it was found.
+    """
     timeout = settings.timeout if timeout is None else timeout
     report = Report(server_info(settings))
-    token = check_token(settings) if token is None else token
+    if token is None:
+        token, report.token_source = client_token(settings)
 
     def redact(text: str) -> str:
         return text.replace(token, "***") if len(token) >= 4 else text
 
     if include_local:
-        if settings.server_type == "node":
-            _check_local_node(report, settings, token, timeout, client_factory, redact)
-            if settings.node_socket and os.path.exists(settings.node_socket):
-                ep = Endpoint("local node (unix socket)", settings.node_url,
-                              unix_socket=settings.node_socket)
+        found = local_node(settings, options)
+        if found is not None and settings.server_type != "node":
+            port = urlsplit(found.url).port or settings.node_port
+            report.server = dataclasses.replace(
+                report.server, server_type="node", port=port,
+                found=f"found by its pid file {found.pid_file} (pid {found.pid}); "
+                      "HYPERCACHEIO_SERVER_TYPE says embedded")
+        if found is not None or settings.server_type == "node":
+            _check_local_node(report, settings, token, timeout, client_factory, redact, found)
+            sock = settings.node_socket
+            if sock and os.path.exists(sock):
+                ep = Endpoint("local node (unix socket)", settings.node_url, unix_socket=sock)
                 _check_remote(report, ep, token, timeout, client_factory, redact)
         else:
             _check_embedded(report, settings, redact)
@@ -473,72 +506,18 @@ def run_check(settings: Settings, *, extra_endpoints: Iterable[str] = (),
     return report
 
 
-# --- firewall advice ----------------------------------------------------------------------
-
-
-def read_os_release(path: str = OS_RELEASE) -> dict[str, str]:
-    """``/etc/os-release`` as a dict (empty if it cannot be read)."""
-    out: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                name, sep, value = line.strip().partition("=")
-                if sep and not name.startswith("#"):
-                    out[name] = value.strip().strip('"').strip("'")
-    except OSError:
-        pass
-    return out
-
-
-def firewall_family(system: str | None = None, os_release: Mapping[str, str] | None = None) -> str:
-    """``ufw`` (Debian family), ``firewalld`` (RHEL family), ``socketfilterfw`` (macOS) or
-    ``generic``."""
-    system = platform.system() if system is None else system
-    if system == "Darwin":
-        return "socketfilterfw"
-    if system != "Linux":
-        return "generic"
-    release = read_os_release() if os_release is None else os_release
-    ids = {release.get("ID", "").lower(), *release.get("ID_LIKE", "").lower().split()}
-    if ids & DEBIAN_LIKE:
-        return "ufw"
-    if ids & RHEL_LIKE:
-        return "firewalld"
-    return "generic"
-
-
-def firewall_advice(ports: Iterable[int], *, family: str | None = None,
-                    python: str | None = None) -> list[str]:
-    """Commands that open ``ports`` (TCP) on a host of this host's kind of system."""
-    family = family or firewall_family()
-    ports = sorted(set(ports))
-    lines: list[str] = []
-    if family == "ufw":
-        lines.append("Debian/Ubuntu (ufw): on the host that did not answer, allow the port:")
-        for port in ports:
-            lines.append(f"  sudo ufw allow {port}/tcp")
-        lines.append("  sudo ufw status verbose")
-    elif family == "firewalld":
-        lines.append("RHEL/Fedora (firewalld): on the host that did not answer, open the port:")
-        for port in ports:
-            lines.append(f"  sudo firewall-cmd --permanent --add-port={port}/tcp")
-        lines.append("  sudo firewall-cmd --reload")
-        lines.append("  sudo firewall-cmd --list-ports")
-    elif family == "socketfilterfw":
-        exe = python or sys.executable
-        lines.append("macOS (application firewall): allow incoming connections to Python:")
-        lines.append(f"  sudo {SOCKETFILTERFW} --getglobalstate")
-        lines.append(f"  sudo {SOCKETFILTERFW} --add {exe}")
-        lines.append(f"  sudo {SOCKETFILTERFW} --unblockapp {exe}")
-    else:
-        lines.append("Open the port in the firewall of the host that did not answer, e.g.:")
-        for port in ports:
-            lines.append(f"  sudo iptables -I INPUT -p tcp --dport {port} -j ACCEPT")
-            lines.append(f"  sudo nft add rule inet filter input tcp dport {port} accept")
-    lines.append("Also check that the node runs there (`hypercacheio node status`) and listens "
-                 "on an address this host can reach (HYPERCACHEIO_NODE_LISTEN_HOST, not "
-                 "127.0.0.1 for remote clients).")
-    return lines
+def auth_advice(report: Report) -> str:
+    """What to do about a refused token, depending on where the token came from."""
+    directory = report.server.directory
+    saved = os.path.join(directory, TOKEN_FILE)
+    if report.token_source == FROM_DEFAULT:
+        return (f"{TOKEN_VAR} is not set and there is no node token in {directory} ({saved}): "
+                "if the node keeps its data in another directory, pass --directory or set "
+                f"HYPERCACHEIO_SQLITE_PATH to it; or set {TOKEN_VAR} to the node's token.")
+    if report.token_source != FROM_ENV:
+        return (f"the token in {saved} was refused: is that node serving another storage "
+                f"directory? Pass --directory, or set {TOKEN_VAR}.")
+    return f"set the same {TOKEN_VAR} on every host."
 
 
 # --- printing -----------------------------------------------------------------------------
@@ -557,6 +536,8 @@ def render_report(report: Report, console: Any, *, family: str | None = None) ->
              if s.server_type == "node" else f"in-process store at {s.directory}")
     console.print(f"Server type: [bold]{s.server_type.upper()}[/bold], role {s.role}, "
                   f"{escape(where)}")
+    if s.found:
+        console.print(f"  (a node {escape(s.found)})")
     table = Table(title="hypercacheio connectivity check")
     for name, justify in (("endpoint", "left"), ("address", "left"), ("check", "left"),
                           ("result", "left"), ("ms", "right"), ("detail", "left")):
@@ -581,7 +562,7 @@ def render_report(report: Report, console: Any, *, family: str | None = None) ->
     if report.auth_failed:
         console.print("[red]authentication failed[/red] on "
                       + ", ".join(escape(ep.where) for ep in report.auth_failed)
-                      + ": set the same HYPERCACHEIO_API_TOKEN on every host.")
+                      + ": " + escape(auth_advice(report)))
     ports = [ep.port for ep in report.unreachable if ep.port is not None]
     if ports:
         console.print("[bold]connection failed[/bold] to "

@@ -23,6 +23,8 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_TOKEN = "changeme"
+API_PATH = "/api/hypercacheio"
+"""Where a node serves its HTTP API (server, client, check and the default URLs use it)."""
 ROLES = ("primary", "secondary")
 # The PHP package's SERVER_TYPE values are accepted as aliases of ours.
 SERVER_TYPES = {"embedded": "embedded", "node": "node", "laravel": "embedded", "go": "node"}
@@ -32,9 +34,26 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def default_directory() -> str:
-    """The storage directory used when none is given: ``$XDG_CACHE_HOME/hypercacheio``."""
+    """The storage directory used when none is given.
+
+    The one rule, everywhere (library, CLI, node, check, Django, Flask): the directory given
+    (``directory=``, ``--directory``, LOCATION), else ``HYPERCACHEIO_SQLITE_PATH``, else
+    ``$XDG_CACHE_HOME/hypercacheio``. So ``Cache()`` and ``Settings()`` read the variable too.
+    """
+    configured = os.environ.get("HYPERCACHEIO_SQLITE_PATH", "").strip()
+    if configured:
+        return configured
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "hypercacheio")
+
+
+def env_text(value: object) -> str:
+    """A setting's value as an environment variable carries it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def parse_bool(name: str, raw: str | bool) -> bool:
@@ -144,6 +163,7 @@ class Settings:
     default_ttl: float | None = None
     l1_max_items: int = 10_000
     l1_max_age: float | None = None
+    l1_max_bytes: int = 32 * 1024 * 1024
     max_bytes: int | None = None
     max_entries: int | None = None
     cull_frequency: int = 3
@@ -151,7 +171,7 @@ class Settings:
     allow_network_fs: bool = False
     # cluster and node settings (used by the node daemon and the replication layers)
     role: str = "primary"
-    primary_url: str = "http://127.0.0.1:8080/api/hypercacheio"
+    primary_url: str = f"http://127.0.0.1:8080{API_PATH}"
     secondary_urls: tuple[str, ...] = ()
     api_token: str = DEFAULT_TOKEN
     async_requests: bool = True
@@ -164,6 +184,12 @@ class Settings:
     ha_enabled: bool = True
     peer_addrs: tuple[str, ...] = ()
     repl_port: int = 7400
+    cluster_id: str = "hypercacheio"
+    repl_tls_cert: str | None = None
+    repl_tls_key: str | None = None
+    repl_tls_ca: str | None = None
+    anti_entropy_interval: float = 60.0
+    ha_local_add: bool = False
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -180,6 +206,7 @@ class Settings:
             raise ConfigError(f"l1_max_age must be > 0 seconds or None, "
                               f"got {self.l1_max_age!r}")
         put(self, "l1_max_age", age)
+        put(self, "l1_max_bytes", _int("l1_max_bytes", self.l1_max_bytes, minimum=0))
         put(self, "max_bytes", _optional_int("max_bytes", self.max_bytes, minimum=4096))
         put(self, "max_entries", _optional_int("max_entries", self.max_entries, minimum=1))
         put(self, "cull_frequency", _int("cull_frequency", self.cull_frequency, minimum=0))
@@ -221,6 +248,23 @@ class Settings:
                                     minimum=1, maximum=65535))
         put(self, "ha_enabled", parse_bool("HYPERCACHEIO_HA_ENABLED", self.ha_enabled))
         put(self, "peer_addrs", parse_peer_list("HYPERCACHEIO_PEER_ADDRS", self.peer_addrs))
+        cluster_id = str(self.cluster_id).strip()
+        if not cluster_id:
+            raise ConfigError("HYPERCACHEIO_CLUSTER_ID must not be empty (every node of a "
+                              "cluster sets the same one)")
+        put(self, "cluster_id", cluster_id)
+        for name in ("repl_tls_cert", "repl_tls_key", "repl_tls_ca"):
+            path = getattr(self, name)
+            put(self, name, str(path).strip() or None if path is not None else None)
+        if bool(self.repl_tls_cert) != bool(self.repl_tls_key):
+            raise ConfigError("HYPERCACHEIO_REPL_TLS_CERT and HYPERCACHEIO_REPL_TLS_KEY must be "
+                              "set together")
+        interval = parse_ttl("HYPERCACHEIO_ANTI_ENTROPY_INTERVAL", self.anti_entropy_interval)
+        if interval is None or interval < 0:
+            raise ConfigError("HYPERCACHEIO_ANTI_ENTROPY_INTERVAL must be >= 0 seconds (0: "
+                              f"never), got {self.anti_entropy_interval!r}")
+        put(self, "anti_entropy_interval", interval)
+        put(self, "ha_local_add", parse_bool("HYPERCACHEIO_HA_LOCAL_ADD", self.ha_local_add))
 
     @property
     def clustered(self) -> bool:
@@ -229,7 +273,28 @@ class Settings:
 
     @property
     def node_url(self) -> str:
-        return f"http://{self.node_host}:{self.node_port}/api/hypercacheio"
+        return f"http://{self.node_host}:{self.node_port}{API_PATH}"
+
+    def to_env(self, *, token: bool = True,
+               environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Every setting as its ``HYPERCACHEIO_*`` variable (the one writer of such dicts:
+        ``install --write-env``, service files, Django's command, ``node start``'s child).
+
+        Unset optional settings are left out (absent means None), and so is the token when
+        ``token`` is false, or when it is the default and ``environ`` (default: the process
+        environment) does not set it, so that a node keeps the token it generated.
+        """
+        env = os.environ if environ is None else environ
+        out: dict[str, str] = {}
+        for fname, names in ENV_VARS.items():
+            value = getattr(self, fname)
+            if value is None:
+                continue
+            if fname == "api_token" and (not token or (
+                    value == DEFAULT_TOKEN and not any(n in env for n in names))):
+                continue
+            out[names[0]] = env_text(value)
+        return out
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -255,6 +320,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "default_ttl": ("HYPERCACHEIO_DEFAULT_TTL",),
     "l1_max_items": ("HYPERCACHEIO_L1_MAX_ITEMS",),
     "l1_max_age": ("HYPERCACHEIO_L1_MAX_AGE",),
+    "l1_max_bytes": ("HYPERCACHEIO_L1_MAX_BYTES",),
     "max_bytes": ("HYPERCACHEIO_MAX_BYTES",),
     "max_entries": ("HYPERCACHEIO_MAX_ENTRIES",),
     "cull_frequency": ("HYPERCACHEIO_CULL_FREQUENCY",),
@@ -274,6 +340,12 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "ha_enabled": ("HYPERCACHEIO_HA_ENABLED",),
     "peer_addrs": ("HYPERCACHEIO_PEER_ADDRS",),
     "repl_port": ("HYPERCACHEIO_REPL_PORT",),
+    "cluster_id": ("HYPERCACHEIO_CLUSTER_ID",),
+    "repl_tls_cert": ("HYPERCACHEIO_REPL_TLS_CERT",),
+    "repl_tls_key": ("HYPERCACHEIO_REPL_TLS_KEY",),
+    "repl_tls_ca": ("HYPERCACHEIO_REPL_TLS_CA",),
+    "anti_entropy_interval": ("HYPERCACHEIO_ANTI_ENTROPY_INTERVAL",),
+    "ha_local_add": ("HYPERCACHEIO_HA_LOCAL_ADD",),
 }
 
 SettingParser = Callable[[str, Any], Any]

@@ -1,5 +1,7 @@
 """NodeOptions: the daemon's own settings (limits, GC, TLS, files), beside the shared Settings.
 
+The token rules are in ``hypercacheio.auth``.
+
 Each option has a keyword, a ``HYPERCACHEIO_NODE_*`` variable and a default, validated once.
 """
 
@@ -8,17 +10,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DEFAULT_TOKEN, Settings, is_loopback, parse_bool, parse_ttl
+from ..config import Settings, env_text, parse_bool, parse_ttl
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TOKEN_FILE = "node.token"
 PID_FILE = "node.pid"
 LOG_FILE = "node.log"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -34,6 +34,9 @@ OPTION_VARS: dict[str, str] = {
     "pid_file": "HYPERCACHEIO_NODE_PID_FILE",
     "access_log": "HYPERCACHEIO_NODE_ACCESS_LOG",
     "shutdown_timeout": "HYPERCACHEIO_NODE_SHUTDOWN_TIMEOUT",
+    "max_connections": "HYPERCACHEIO_NODE_MAX_CONNECTIONS",
+    "idle_timeout": "HYPERCACHEIO_NODE_IDLE_TIMEOUT",
+    "read_timeout": "HYPERCACHEIO_NODE_READ_TIMEOUT",
 }
 
 
@@ -58,6 +61,11 @@ class NodeOptions:
     pid_file: str | None = None  # None: <directory>/node.pid
     access_log: bool = False
     shutdown_timeout: float = 10.0
+    # Connection floods: at most this many client connections at once (fewer if the open
+    # file limit is lower); the newest one over it is closed at once.
+    max_connections: int = 4096
+    idle_timeout: float = 30.0  # a keep-alive connection with no request for this long closes
+    read_timeout: float = 10.0  # for a request's head (from connect) and for its body
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -93,6 +101,18 @@ class NodeOptions:
                               f"got {self.log_level!r}")
         put(self, "log_level", level)
         put(self, "access_log", parse_bool("HYPERCACHEIO_NODE_ACCESS_LOG", self.access_log))
+        try:
+            cap = int(str(self.max_connections).strip())
+        except ValueError:
+            raise ConfigError(f"HYPERCACHEIO_NODE_MAX_CONNECTIONS must be an integer, "
+                              f"got {self.max_connections!r}") from None
+        if cap < 1:
+            raise ConfigError(f"HYPERCACHEIO_NODE_MAX_CONNECTIONS must be >= 1, got {cap}")
+        put(self, "max_connections", cap)
+        put(self, "idle_timeout", _seconds("HYPERCACHEIO_NODE_IDLE_TIMEOUT", self.idle_timeout,
+                                           allow_zero=False))
+        put(self, "read_timeout", _seconds("HYPERCACHEIO_NODE_READ_TIMEOUT", self.read_timeout,
+                                           allow_zero=False))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> NodeOptions:
@@ -104,53 +124,10 @@ class NodeOptions:
     def replace(self, **changes: Any) -> NodeOptions:
         return dataclasses.replace(self, **changes)
 
+    def to_env(self) -> dict[str, str]:
+        """Every option that is set, as its ``HYPERCACHEIO_NODE_*`` variable."""
+        return {name: env_text(getattr(self, fname)) for fname, name in OPTION_VARS.items()
+                if getattr(self, fname) is not None}
+
     def pid_path(self, settings: Settings) -> str:
         return self.pid_file or os.path.join(settings.directory, PID_FILE)
-
-
-def token_path(settings: Settings) -> str:
-    return os.path.join(settings.directory, TOKEN_FILE)
-
-
-def read_token_file(settings: Settings) -> str | None:
-    """The token a node generated for this storage directory, if any."""
-    try:
-        with open(token_path(settings), encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    except OSError:
-        return None
-
-
-def resolve_token(settings: Settings, explicit: bool) -> tuple[str, bool]:
-    """The token the node will require, and whether it was generated just now.
-
-    An explicitly configured token is used as it is, but an empty one or ``changeme`` is
-    refused on any non-loopback address. With no token configured, the node uses the one
-    it generated for this directory (mode 0600), making one on the first run.
-    """
-    token = settings.api_token
-    hosts = [settings.node_listen_host]
-    if explicit:
-        if token.strip() in ("", DEFAULT_TOKEN) and not all(is_loopback(h) for h in hosts):
-            raise ConfigError(
-                f"refusing to listen on {settings.node_listen_host} with "
-                f"{'an empty' if not token.strip() else 'the default'} API token: anyone who "
-                "can reach the port could read and write the cache; set "
-                "HYPERCACHEIO_API_TOKEN to a long random secret (e.g. "
-                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
-        if not token:
-            raise ConfigError("HYPERCACHEIO_API_TOKEN must not be empty")
-        return token, False
-    existing = read_token_file(settings)
-    if existing:
-        return existing, False
-    token = secrets.token_urlsafe(32)
-    os.makedirs(settings.directory, exist_ok=True)
-    path = token_path(settings)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another node start made it a moment ago
-        return read_token_file(settings) or token, False
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(token + "\n")
-    return token, True

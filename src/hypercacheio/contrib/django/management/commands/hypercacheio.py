@@ -19,7 +19,8 @@ from django.conf import settings as django_settings
 from django.core.cache import caches
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from hypercacheio.config import ENV_VARS, Settings
+from hypercacheio.auth import TOKEN_VAR, token_display
+from hypercacheio.config import Settings
 from hypercacheio.contrib.django.backend import HyperCacheIOCache, settings_from_caches_entry
 from hypercacheio.errors import HypercacheioError
 from hypercacheio.store import DB_NAME
@@ -40,19 +41,7 @@ def hypercacheio_aliases(caches_setting: Mapping[str, Mapping[str, Any]]) -> lis
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``HYPERCACHEIO_*`` variables that reproduce ``settings`` for the CLI."""
-    env: dict[str, str] = {}
-    for field_name, names in ENV_VARS.items():
-        value = getattr(settings, field_name)
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, tuple):
-            text = ",".join(value)
-        else:
-            text = str(value)
-        env[names[0]] = text
-    return env
+    return settings.to_env()
 
 
 @contextmanager
@@ -153,10 +142,9 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(
             f"CACHES[{alias!r}]: database {verb}: {figures['path']} "
             f"(node id {figures['node_id']})"))
-        for name, value in settings_env(settings).items():
-            if name == "HYPERCACHEIO_API_TOKEN":
-                value = "(default: changeme)" if value == "changeme" else "(set, hidden)"
+        for name, value in settings.to_env(token=False).items():
             self.stdout.write(f"  {name}={value}")
+        self.stdout.write(f"  {TOKEN_VAR}={token_display(settings)}")
 
     def _stats(self, alias: str, as_json: bool) -> None:
         figures = self._backend(alias).engine.store.stats()
@@ -164,7 +152,7 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(figures, indent=2))
             return
         width = max(len(name) for name in figures)
-        self.stdout.write(f"CACHES[{alias!r}]")
+        self.stdout.write(f"CACHES[{alias!r}] storage: {self._settings(alias).directory}")
         for name, value in figures.items():
             self.stdout.write(f"  {name.ljust(width)}  {value}")
 

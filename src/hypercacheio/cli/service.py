@@ -1,39 +1,24 @@
 """``hypercacheio service ...`` and ``hypercacheio check``: arguments in, messages out.
 
-The work is in ``service.py`` and ``check.py``; this module only parses options, calls them
-and prints. It does not import ``cli.py`` (``cli.py`` imports it), so it loads settings itself.
+The work is in ``hypercacheio/service.py`` and ``hypercacheio/check.py``; this module only
+parses options, calls them and prints.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 
-from . import check as check_mod
-from . import service as svc
-from .config import DEFAULT_TOKEN, Settings, is_loopback
-from .errors import HypercacheioError
+from .. import check as check_mod
+from .. import service as svc
+from ..auth import TOKEN_VAR, token_path, weak_token_refused
+from ..errors import HypercacheioError
+from ..node.options import NodeOptions
+from .common import directory_option, err, load_settings, out, show_storage
 
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _settings(directory: str | None) -> Settings:
-    overrides: dict[str, Any] = {"directory": directory} if directory else {}
-    try:
-        return Settings.from_env(**overrides)
-    except HypercacheioError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-directory_option = click.option(
-    "--directory", "-d", default=None, metavar="PATH",
-    help="Storage directory (default: HYPERCACHEIO_SQLITE_PATH or ~/.cache/hypercacheio).")
 kind_option = click.option(
     "--kind", type=click.Choice(svc.KINDS), default=None,
     help="systemd or launchd (default: systemd on Linux, launchd on macOS).")
@@ -70,7 +55,8 @@ def make_cmd(directory: str | None, kind: str | None, scope: str | None, output:
              install: bool, unit_dir: str | None, python: str | None, run_as: str | None,
              env_file: str | None) -> None:
     """Write the service file with the whole configuration (HYPERCACHEIO_* of this shell)."""
-    settings = _settings(directory)
+    settings = load_settings(directory)
+    show_storage(settings)
     try:
         spec = svc.build_spec(settings, kind=kind, scope=scope, python=python, run_as=run_as,
                               env_file=env_file)
@@ -83,14 +69,17 @@ def make_cmd(directory: str | None, kind: str | None, scope: str | None, output:
     except HypercacheioError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"wrote {path} ({spec.kind}, {spec.scope} scope, mode 0600)")
-    if spec.env_file:
+    if TOKEN_VAR not in spec.environment:
+        click.echo(f"No API token in it ({TOKEN_VAR} is not set): the node uses the one it "
+                   f"generates in {token_path(settings)}.")
+    elif spec.env_file:
         click.echo(f"wrote {spec.env_file} (the API token, mode 0600)")
     else:
-        click.echo("It contains HYPERCACHEIO_API_TOKEN: keep it private.")
-    if settings.api_token in ("", DEFAULT_TOKEN) and not is_loopback(settings.node_listen_host):
-        err_console.print("[yellow]warning:[/yellow] the node refuses to listen on "
-                          f"{settings.node_listen_host} with an empty or default token; set "
-                          "HYPERCACHEIO_API_TOKEN and run make again")
+        click.echo(f"It contains {TOKEN_VAR}: keep it private.")
+    if TOKEN_VAR in spec.environment and weak_token_refused(settings):
+        err().print("[yellow]warning:[/yellow] the node refuses to listen on "
+                    f"{escape(settings.node_listen_host)} with an empty or default token; set "
+                    f"{TOKEN_VAR} and run make again")
     if not install:
         installed = svc.install_dir(spec.kind, spec.scope) / spec.file_name
         sudo = "sudo " if spec.scope == "system" else ""
@@ -108,9 +97,9 @@ def _run_verb(verb: str, kind: str | None, scope: str | None, unit_dir: str | No
     if output:
         click.echo(output)
     if result.ok:
-        console.print(f"[green]{escape(result.message)}[/green]", soft_wrap=True)
+        out().print(f"[green]{escape(result.message)}[/green]")
     else:
-        err_console.print(f"[red]{verb}:[/red] {escape(result.message)}", soft_wrap=True)
+        err().print(f"[red]{verb}:[/red] {escape(result.message)}")
     sys.exit(result.exit_code)
 
 
@@ -138,11 +127,17 @@ _verb_command("remove", "Stop, disable and delete the installed service file.")
               help="Seconds per request (default: HYPERCACHEIO_TIMEOUT).")
 def check_cmd(directory: str | None, endpoints: tuple[str, ...], timeout: float | None) -> None:
     """Ping, Add, Get, Put, Delete and Lock against every configured endpoint."""
-    settings = _settings(directory)
+    settings = load_settings(directory)
+    show_storage(settings)
     if timeout is not None and timeout <= 0:
         raise click.BadParameter("must be > 0 seconds", param_hint="--timeout")
-    report = check_mod.run_check(settings, extra_endpoints=endpoints, timeout=timeout)
-    check_mod.render_report(report, console)
+    try:
+        options = NodeOptions.from_env()
+    except HypercacheioError as exc:
+        raise click.ClickException(str(exc)) from exc
+    report = check_mod.run_check(settings, extra_endpoints=endpoints, timeout=timeout,
+                                 options=options)
+    check_mod.render_report(report, out())
     sys.exit(report.exit_code)
 
 
