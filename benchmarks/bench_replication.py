@@ -538,6 +538,12 @@ def mesh_benchmarks(args: argparse.Namespace) -> None:
                 results.append((f"lag node 1 -> node {run + 1} at {args.mesh_lag_rate:,}/s "
                                 f"({count:,} writes) p50 / p99 / max",
                                 f"{p50:.2f} / {p99:.2f} / {worst:.2f} ms", "p99 < 5 ms"))
+                seen = _mesh_doc(node)["received_lag"]  # version stamped -> applied there
+                if seen:
+                    results.append((f"  as node {run + 1} measures it (last "
+                                    f"{seen['samples']:,}) p50 / p99",
+                                    f"{seen['p50_ms']:.2f} / {seen['p99_ms']:.2f} ms",
+                                    "p99 < 5 ms"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\nactive-active (--mesh)")

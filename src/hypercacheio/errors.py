@@ -78,3 +78,9 @@ class FrameTooLarge(MalformedFrame):
 class HandshakeError(HypercacheioError, ConnectionError):
     """A replication peer was refused: wrong protocol version, cluster id or token proof,
     our own node id, or no complete handshake in time. Nothing from it was applied."""
+
+
+class QuorumUnavailable(NodeUnavailable):
+    """Active-active: a cluster-wide ``add`` or lock needs a majority of the configured
+    nodes (``HYPERCACHEIO_PEER_ADDRS`` plus this one) and fewer answered in time; nothing
+    was granted (503 ``quorum_unavailable`` over HTTP)."""

@@ -1,4 +1,6 @@
-"""The node process: logging, the pid file, the listening sites, signals and a clean stop.
+"""The node process: logging, the listening sites, signals and a clean stop.
+
+The pid file and the start/stop of a background node are in ``supervise.py``.
 
 ``run`` serves until SIGTERM or SIGINT, then stops accepting, lets in-flight requests
 finish (up to ``shutdown_timeout``), stops the collector, checkpoints and closes the store.
@@ -8,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
+import functools
 import gc
 import json
 import logging
@@ -20,32 +21,28 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
-from ..errors import ConfigError, HypercacheioError
+from ..errors import ConfigError
 from ..store import Store
-from .api import NodeState, build_app
+from .connections import ConnectionGate, connection_cap, raise_open_file_limit
 from .gc import Collector
 from .options import NodeOptions
+from .routing import build_app
+from .state import NodeState, store_call
+from .supervise import AlreadyRunning, PidFile, pid_file_locked, read_pid
+
+if TYPE_CHECKING:
+    from ..replication.mesh import Mesh
+    from ..replication.push import Pusher
+
+__all__ = ["AlreadyRunning", "configure_logging", "pid_file_locked", "read_pid", "run", "serve"]
 
 log = logging.getLogger("hypercacheio.node")
-
-PID_LOCK_TRIES = 20  # a status check holds the pid file's lock for an instant
-
-
-class AlreadyRunning(HypercacheioError, RuntimeError):
-    """Another node holds the pid file of this storage directory."""
-
-    def __init__(self, path: str, pid: int | None) -> None:
-        who = f"pid {pid}" if pid else "another process"
-        super().__init__(f"a node is already running ({who}, pid file {path}); "
-                         "stop it first (hypercacheio node stop) or use another directory")
-        self.pid = pid
-
 
 # ---- logging ------------------------------------------------------------------------------
 
@@ -109,69 +106,6 @@ def configure_logging(options: NodeOptions) -> None:
         logging.INFO if options.access_log else logging.WARNING)
 
 
-# ---- the pid file -------------------------------------------------------------------------
-
-def read_pid(path: str) -> int | None:
-    """The pid written in a pid file, or None if there is none or it is unreadable."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read().split()
-        return int(text[0]) if text else None
-    except (OSError, ValueError):
-        return None
-
-
-def pid_file_locked(path: str) -> bool:
-    """True while a running node holds the pid file (its lock dies with the process)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-class PidFile:
-    """The pid file, held locked for the life of the node so that a stale one is obvious."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self, sleep: Callable[[float], None] = time.sleep) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        for attempt in range(PID_LOCK_TRIES):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if attempt == PID_LOCK_TRIES - 1:
-                    os.close(fd)
-                    raise AlreadyRunning(self.path, read_pid(self.path)) from None
-                sleep(0.01)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            if read_pid(self.path) == os.getpid():
-                os.unlink(self.path)
-        os.close(self._fd)
-        self._fd = None
-
-
 # ---- serving --------------------------------------------------------------------------------
 
 def _ssl_context(options: NodeOptions) -> ssl.SSLContext | None:
@@ -211,29 +145,43 @@ async def serve(settings: Settings, options: NodeOptions, token: str, *, version
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     ssl_ctx = _ssl_context(options)
+    fd_limit = raise_open_file_limit()
+    _quiet_server_header()
     store = open_store(settings)
     state = NodeState(store, settings, options, token, version=version)
     app = build_app(state)
+    # keepalive_timeout: an idle keep-alive connection closes after this many seconds.
     runner = web.AppRunner(app, handle_signals=False, access_log=logging.getLogger(
         "aiohttp.access") if options.access_log else None,
-        shutdown_timeout=options.shutdown_timeout)
-    collector = Collector(state, options.gc_interval)
+        shutdown_timeout=options.shutdown_timeout, keepalive_timeout=options.idle_timeout)
+    collector = state.collector = Collector(store, options.gc_interval)
     await runner.setup()
+    servers: list[asyncio.AbstractServer] = []
     try:
+        assert runner.server is not None
+        gate = ConnectionGate(runner.server, state,
+                              connection_cap(options.max_connections, fd_limit),
+                              options.read_timeout)
         scheme = "https" if ssl_ctx else "http"
-        tcp = web.TCPSite(runner, settings.node_listen_host, settings.node_port,
-                          ssl_context=ssl_ctx, backlog=1024, reuse_address=True)
-        await tcp.start()
+        tcp = await loop.create_server(gate, settings.node_listen_host, settings.node_port,
+                                       ssl=ssl_ctx, backlog=1024, reuse_address=True)
+        servers.append(tcp)
         state.listen.append(f"{scheme}://{_bound(tcp, settings)}")
         if settings.node_socket:
             _remove_stale_socket(settings.node_socket)
-            unix = web.UnixSite(runner, settings.node_socket, backlog=1024)
-            await unix.start()
+            servers.append(await loop.create_unix_server(gate, settings.node_socket,
+                                                         backlog=1024))
             os.chmod(settings.node_socket, 0o660)
             state.listen.append(f"unix:{settings.node_socket}")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         collector.start()
+        if settings.role == "primary" and settings.secondary_urls:
+            state.replication = _pusher(state, token)
+            await state.replication.start()
+        if settings.ha_enabled and settings.peer_addrs and settings.role != "secondary":
+            state.mesh = _mesh(state, token)
+            await loop.run_in_executor(None, state.mesh.start)
         # What start-up allocated lives as long as the node: keep it out of the cyclic
         # collector's full passes, which would otherwise walk it (a tail-latency cost).
         gc.collect()
@@ -248,8 +196,14 @@ async def serve(settings: Settings, options: NodeOptions, token: str, *, version
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()  # stops listening, waits for in-flight requests
+        for server in servers:
+            server.close()  # stop listening
+        await runner.cleanup()  # waits for in-flight requests
         await collector.stop()
+        if state.replication is not None:
+            await state.replication.stop()
+        if state.mesh is not None:
+            await loop.run_in_executor(None, state.mesh.stop)
         try:
             store.checkpoint("TRUNCATE")
         except Exception as exc:  # a reader may hold the WAL; the next start will do it
@@ -261,8 +215,23 @@ async def serve(settings: Settings, options: NodeOptions, token: str, *, version
         log.info("node stopped", extra={"uptime": round(state.uptime(), 3)})
 
 
-def _bound(site: web.TCPSite, settings: Settings) -> str:
-    server = site._server
+def _pusher(state: NodeState, token: str) -> Pusher:
+    """The primary's push to its secondaries (replication/push.py)."""
+    from ..replication.push import Pusher
+
+    settings = state.settings
+    return Pusher(state.store, settings.secondary_urls, token=token, timeout=settings.timeout,
+                  call=functools.partial(store_call, state))
+
+
+def _mesh(state: NodeState, token: str) -> Mesh:
+    """Active-active replication with the peers (replication/mesh.py)."""
+    from ..replication.mesh import Mesh
+
+    return Mesh(state.store, state.settings, token)
+
+
+def _bound(server: asyncio.AbstractServer, settings: Settings) -> str:
     sockets = getattr(server, "sockets", None) or []
     if sockets:
         host, port = sockets[0].getsockname()[:2]
@@ -270,13 +239,29 @@ def _bound(site: web.TCPSite, settings: Settings) -> str:
     return f"{settings.node_listen_host}:{settings.node_port}"
 
 
+def _quiet_server_header() -> None:
+    """Answer ``Server: hypercacheio`` instead of aiohttp's, which names the aiohttp and
+    Python versions (aiohttp sets the header on every response unless one is given; it
+    reads this module constant each time, so this costs nothing per request)."""
+    from aiohttp import web_response
+
+    if hasattr(web_response, "SERVER_SOFTWARE"):
+        web_response.SERVER_SOFTWARE = "hypercacheio"
+
+
 def run(settings: Settings, options: NodeOptions, token: str, *, version: str,
         on_ready: Callable[[NodeState], None] | None = None) -> None:
     """Run the node in this process until it is told to stop. Raises AlreadyRunning."""
     pid_file = PidFile(options.pid_path(settings))
     pid_file.acquire()
+
+    def ready(state: NodeState) -> None:
+        pid_file.record_listen(state.listen)  # how `node status` and `check` find it
+        if on_ready is not None:
+            on_ready(state)
+
     try:
-        main = serve(settings, options, token, version=version, on_ready=on_ready)
+        main = serve(settings, options, token, version=version, on_ready=ready)
         factory = _loop_factory()
         if factory is not None and hasattr(asyncio, "Runner"):
             with asyncio.Runner(loop_factory=factory) as runner:
