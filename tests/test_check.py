@@ -107,7 +107,7 @@ def test_every_configured_endpoint_is_checked(node: RunningNode) -> None:
     assert [(r.endpoint.label, r.check) for r in report.rows] == (
         [("local node", c) for c in chk.CHECKS]
         + [("local node (unix socket)", c) for c in chk.CHECKS]
-        + [("primary", c) for c in chk.CHECKS])
+        + [("primary", c) for c in (*chk.CHECKS, chk.FORWARD, chk.PUSH)])
     assert report.rows[0].endpoint.url == f"http://127.0.0.1:{node.port}/api/hypercacheio"
     assert leftovers(node.directory) == ([], [])
 

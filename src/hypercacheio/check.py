@@ -5,14 +5,20 @@ primary, the HA peers, any extra URL) it runs Ping, Add, Get, Put, Delete and Lo
 fresh key ``hypercacheio:check:<uuid>`` and a fresh lock name, and removes both afterwards,
 whatever failed. A connection failure comes with firewall advice for this host's system.
 
+Replication paths: on a secondary, Forward (a write through the local node, or the library
+when embedded, reaches the primary and reads back here) and Push (a key written on the
+primary appears here within ``PUSH_WAIT_FACTOR`` request timeouts); on a primary, Push to
+each secondary (read back from the secondary's API). Their keys have CHECK_TTL and are
+deleted afterwards.
+
 Peers are configured as ``host:repl_port`` (the binary replication port), which says nothing
 about their HTTP API port. The check assumes that every node of a cluster serves its HTTP
 API on the same port as this host (``HYPERCACHEIO_NODE_PORT``); pass ``--endpoint URL`` for a
 node where that is not true.
 
-The module runs to about 570 lines on purpose: endpoint discovery, the six checks, their
-cleanup and the report are one feature read top to bottom; the firewall advice is in
-``firewall.py``.
+The module runs to about 780 lines on purpose: endpoint discovery, the six checks, the
+replication paths, their cleanup and the report are one feature read top to bottom; the
+firewall advice is in ``firewall.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKS = ("Ping", "Add", "Get", "Put", "Delete", "Lock")
+FORWARD, PUSH = "Forward", "Push"
+PUSH_WAIT_FACTOR = 2.0
+"""A pushed key must appear within this many request timeouts (2 s by default)."""
+POLL_SECONDS = 0.02
 KEY_PREFIX = "hypercacheio:check:"
 CHECK_TTL = 60.0
 """Every key and lock the check writes expires by itself, even if the cleanup cannot run."""
@@ -77,6 +87,8 @@ class Endpoint:
     note: str = ""
     unix_socket: str | None = None
     insecure: bool = False  # the local node's TLS certificate is not checked
+    replica: str = ""  # "primary": this secondary's primary; "secondary": a primary's secondary
+    configured: str = ""  # the URL as configured (the primary's push names it so)
 
     @property
     def host(self) -> str | None:
@@ -166,10 +178,12 @@ def remote_endpoints(settings: Settings, extra: Iterable[str] = ()) -> list[Endp
     """The other hosts this host is configured to talk to, each once."""
     found: list[Endpoint] = []
     if settings.role == "secondary":
-        found.append(Endpoint("primary", _normalize(settings.primary_url)))
+        found.append(Endpoint("primary", _normalize(settings.primary_url), replica="primary",
+                              configured=settings.primary_url.rstrip("/")))
     else:
         for i, url in enumerate(settings.secondary_urls, 1):
-            found.append(Endpoint(f"secondary {i}", _normalize(url)))
+            found.append(Endpoint(f"secondary {i}", _normalize(url), replica="secondary",
+                                  configured=url.rstrip("/")))
     if settings.ha_enabled:
         for peer in settings.peer_addrs:
             host = peer.rpartition(":")[0]
@@ -377,10 +391,13 @@ def _ping_via(client: Any) -> str:
 
 
 def _check_remote(report: Report, endpoint: Endpoint, token: str, timeout: float,
-                  factory: ClientFactory, redact: Callable[[str], str]) -> None:
+                  factory: ClientFactory, redact: Callable[[str], str]) -> str | None:
+    """The six checks on ``endpoint``; returns why they stopped (None: it answered)."""
     client = factory(endpoint, token, timeout)
     try:
-        _Checker(report, endpoint, client, redact).run(partial(_ping_via, client))
+        checker = _Checker(report, endpoint, client, redact)
+        checker.run(partial(_ping_via, client))
+        return checker.stopped
     finally:
         close = getattr(client, "close", None)
         if close is not None:
@@ -389,10 +406,10 @@ def _check_remote(report: Report, endpoint: Endpoint, token: str, timeout: float
 
 def _check_local_node(report: Report, settings: Settings, token: str, timeout: float,
                       factory: ClientFactory, redact: Callable[[str], str],
-                      found: LocalNode | None = None) -> None:
+                      found: LocalNode | None = None) -> Endpoint | None:
     """Ping the local node (where its pid file says it listens, else on 127.0.0.1), else on
-    HYPERCACHEIO_NODE_HOST; check the first that answers. When none answers, one failed Ping
-    row says what was tried."""
+    HYPERCACHEIO_NODE_HOST; check the first that answers and return it. When none answers,
+    one failed Ping row says what was tried (and None is returned)."""
     tls = _local_tls() or bool(found and found.url.startswith("https:"))
     scheme = "https" if tls else "http"
     first = found.url if found else api_url(LOOPBACK, settings.node_port, scheme)
@@ -414,8 +431,9 @@ def _check_local_node(report: Report, settings: Settings, token: str, timeout: f
                 unreachable = unreachable or is_connection_failure(exc)
                 tried.append(f"{ep.url}: {_describe(exc)}")
                 continue
-            _Checker(report, ep, client, redact).run(partial(_ping_via, client))
-            return
+            checker = _Checker(report, ep, client, redact)
+            checker.run(partial(_ping_via, client))
+            return None if checker.stopped else ep
         finally:
             close = getattr(client, "close", None)
             if close is not None:
@@ -428,9 +446,10 @@ def _check_local_node(report: Report, settings: Settings, token: str, timeout: f
     checker.stopped = "skipped: local node not reachable"
     for name in CHECKS[1:]:
         checker.step(name, lambda: "")
+    return None
 
 
-def _check_embedded(report: Report, settings: Settings, redact: Callable[[str], str]) -> None:
+def _check_embedded(report: Report, settings: Settings, redact: Callable[[str], str]) -> bool:
     """Embedded mode has no local API: check the store in this process instead."""
     from .cache import Cache
 
@@ -450,6 +469,189 @@ def _check_embedded(report: Report, settings: Settings, redact: Callable[[str], 
     finally:
         if cache is not None:
             cache.close()
+    return checker.stopped is None
+
+
+# --- the replication paths ----------------------------------------------------------------
+
+
+@dataclass
+class LocalSide:
+    """Where the replication checks write and read on this host: the local node (by its
+    API) or, embedded, the store in this process (``prefix``: its keys' prefix, which a
+    node's API does not add). ``problem``: why it cannot be used (the rows are skipped)."""
+
+    open: Callable[[], Any]
+    where: str
+    node: bool
+    prefix: str = ""
+    problem: str | None = None
+
+
+def _wait_for(read: Callable[[], Any], want: Any, seconds: float) -> bool:
+    """True once ``read()`` returns ``want``, polling for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if read() == want:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+
+
+class _PathChecker(_Checker):
+    """The Forward and Push checks, in the group of the remote endpoint they involve.
+    Every key it writes has CHECK_TTL and is deleted afterwards."""
+
+    def __init__(self, report: Report, endpoint: Endpoint, redact: Callable[[str], str],
+                 local: LocalSide, wait: float) -> None:
+        super().__init__(report, endpoint, None, redact)
+        self.local = local
+        self.wait = wait
+        self.mine: Any = None  # the local side (a RemoteCache or a Cache)
+        self.remote: Any = None  # the primary or the secondary, by its API
+        self.via_local: list[str] = []  # keys written here: deleted here (forwarded)
+        self.via_remote: list[str] = []  # keys written on the remote: deleted there
+
+    def fresh(self, what: str) -> tuple[str, str]:
+        run = uuid.uuid4().hex
+        return f"{KEY_PREFIX}{what}:{run}", f"hypercacheio check {what} {run}"
+
+    def forward(self) -> str:
+        key, value = self.fresh("forward")
+        self.via_local.append(key)
+        self.mine.set(key, value, CHECK_TTL)
+        got = self.remote.get(self.local.prefix + key)
+        _expect(got == value,
+                f"a write through the {self.local.where} did not reach the primary (it reads "
+                f"{got!r}): is HYPERCACHEIO_SERVER_ROLE=secondary set for it, with "
+                "HYPERCACHEIO_PRIMARY_URL naming this primary?")
+        got = self.mine.get(key)
+        _expect(got == value, f"the write reached the primary, but this host reads {got!r} "
+                              "back (no read-your-writes)")
+        return "written here, read back on the primary and here"
+
+    def push_here(self) -> str:
+        key, value = self.fresh("push")
+        self.via_remote.append(self.local.prefix + key)
+        start = time.monotonic()
+        self.remote.set(self.local.prefix + key, value, CHECK_TTL)
+        if not _wait_for(lambda: self.mine.get(key), value, self.wait):
+            why = ("does the primary's HYPERCACHEIO_SECONDARY_URLS list this node's URL, "
+                   "with the same HYPERCACHEIO_API_TOKEN?" if self.local.node else
+                   "no node runs for this storage directory, and the primary pushes to a "
+                   "secondary's node: start one (hypercacheio node start)")
+            raise CheckFailed(f"a key written on the primary did not appear here within "
+                              f"{self.wait:g} s: {why}")
+        return f"written on the primary, read here after {_ms(start):.0f} ms"
+
+    def push_there(self, status: Callable[[], str]) -> str:
+        key, value = self.fresh("push")
+        self.via_local.append(key)
+        start = time.monotonic()
+        self.mine.set(key, value, CHECK_TTL)
+        if not _wait_for(lambda: self.remote.get(self.local.prefix + key), value, self.wait):
+            raise CheckFailed(f"a key written on this primary did not appear on the "
+                              f"secondary within {self.wait:g} s; {status()}")
+        return f"written here, read on the secondary after {_ms(start):.0f} ms"
+
+    def cleanup(self) -> None:
+        for target, keys in ((self.mine, self.via_local), (self.remote, self.via_remote)):
+            for key in keys:
+                try:
+                    target.delete(key)
+                except Exception as exc:
+                    log.warning("check: could not delete %s via %s (%s); it expires in %g s",
+                                key, self.endpoint.where, self.redact(str(exc)), CHECK_TTL)
+
+
+def _push_status(local: LocalSide, endpoint: Endpoint) -> str:
+    """What the primary's own node says of its push to ``endpoint`` (``/ping``)."""
+    if not local.node:
+        return ("no node runs for this storage directory: a primary's node does the push "
+                "(hypercacheio node start)")
+    try:
+        client = local.open()
+        try:
+            doc = client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return f"the primary's node did not say why ({_describe(exc)})"
+    rows = (doc.get("replication") or {}).get("secondaries")
+    if rows is None:
+        return ("the local node pushes to no secondary: set HYPERCACHEIO_SERVER_ROLE=primary "
+                "and HYPERCACHEIO_SECONDARY_URLS for it and restart it")
+    for row in rows:
+        if row.get("url") == endpoint.configured:
+            state = "connected" if row.get("connected") else "not connected"
+            text = (f"the primary's node reports its push {state}, backlog "
+                    f"{row.get('backlog_rows', '?')} rows ({row.get('backlog_seconds', '?')} s)")
+            if row.get("last_error"):
+                text += f", last error: {row['last_error']}"
+            return text
+    return (f"the primary's node does not push to {endpoint.configured}: restart it after "
+            "changing HYPERCACHEIO_SECONDARY_URLS")
+
+
+def _check_paths(report: Report, endpoint: Endpoint, remote_stopped: str | None,
+                 local: LocalSide, token: str, timeout: float, wait: float,
+                 factory: ClientFactory, redact: Callable[[str], str]) -> None:
+    """Forward and Push on a secondary host (``endpoint``: its primary), or Push on a
+    primary (``endpoint``: one of its secondaries)."""
+    checker = _PathChecker(report, endpoint, redact, local, wait)
+    names = (FORWARD, PUSH) if endpoint.replica == "primary" else (PUSH,)
+    if local.problem:
+        checker.stopped = local.problem
+    elif remote_stopped and endpoint.replica == "primary":
+        checker.stopped = remote_stopped
+    elif remote_stopped:
+        # a primary whose secondary does not answer: its push is broken, say what it sees
+        reason = remote_stopped.removeprefix("skipped: ")
+        checker.add_row(PUSH, FAIL, f"cannot read from the secondary ({reason}); "
+                                    f"{_push_status(local, endpoint)}")
+        return
+    if checker.stopped:
+        for name in names:
+            checker.step(name, lambda: "")
+        return
+    try:
+        try:
+            checker.remote = factory(endpoint, token, timeout)
+            checker.mine = local.open()
+        except Exception as exc:  # e.g. the embedded store cannot open: report, go on
+            for name in names:
+                checker.add_row(name, FAIL, f"cannot open the {local.where}: {_describe(exc)}")
+            return
+        if endpoint.replica == "primary":
+            checker.step(FORWARD, checker.forward)
+            checker.step(PUSH, checker.push_here)
+        else:
+            checker.step(PUSH, partial(checker.push_there,
+                                       partial(_push_status, local, endpoint)))
+    finally:
+        checker.cleanup()
+        for side in (checker.mine, checker.remote):
+            close = getattr(side, "close", None)
+            if close is not None:
+                close()
+
+
+def _local_side(settings: Settings, token: str, timeout: float, factory: ClientFactory,
+                node: Endpoint | None, embedded_ok: bool | None) -> LocalSide:
+    """The local side of the replication checks, after the local checks ran: ``node`` is
+    the local node that answered (None if none did), ``embedded_ok`` whether the in-process
+    store passed (None: the node was checked instead)."""
+    if embedded_ok is None:
+        if node is None:
+            return LocalSide(lambda: None, "local node", True,
+                             problem="skipped: local node not reachable")
+        return LocalSide(lambda: factory(node, token, timeout), "local node", True)
+    from .cache import Cache
+
+    return LocalSide(lambda: Cache(settings=settings, l1_max_items=0), "library (embedded)",
+                     False, prefix=settings.prefix,
+                     problem=None if embedded_ok else "skipped: the local store failed")
 
 
 def local_node(settings: Settings, options: NodeOptions | None = None) -> LocalNode | None:
@@ -468,13 +670,17 @@ def local_node(settings: Settings, options: NodeOptions | None = None) -> LocalN
 def run_check(settings: Settings, *, extra_endpoints: Iterable[str] = (),
               timeout: float | None = None, client_factory: ClientFactory = remote_client,
               include_local: bool = True, token: str | None = None,
-              options: NodeOptions | None = None) -> Report:
+              options: NodeOptions | None = None, push_wait: float | None = None) -> Report:
     """Run every check for ``settings`` and return the report (nothing is printed).
 
     A node running for the storage directory is checked even when the settings say
-    ``embedded``: the report's server line says how it was found.
+    ``embedded``: the report's server line says how it was found. With the local checks, a
+    secondary also checks its primary's Forward and Push paths, and a primary its Push to
+    each secondary (a pushed key must appear within ``push_wait`` seconds, by default
+    ``PUSH_WAIT_FACTOR`` times the request timeout).
     """
     timeout = settings.timeout if timeout is None else timeout
+    wait = PUSH_WAIT_FACTOR * timeout if push_wait is None else push_wait
     report = Report(server_info(settings))
     if token is None:
         token, report.token_source = client_token(settings)
@@ -482,6 +688,7 @@ def run_check(settings: Settings, *, extra_endpoints: Iterable[str] = (),
     def redact(text: str) -> str:
         return text.replace(token, "***") if len(token) >= 4 else text
 
+    local: LocalSide | None = None  # where the replication checks write and read here
     if include_local:
         found = local_node(settings, options)
         if found is not None and settings.server_type != "node":
@@ -491,18 +698,24 @@ def run_check(settings: Settings, *, extra_endpoints: Iterable[str] = (),
                 found=f"found by its pid file {found.pid_file} (pid {found.pid}); "
                       "HYPERCACHEIO_SERVER_TYPE says embedded")
         if found is not None or settings.server_type == "node":
-            _check_local_node(report, settings, token, timeout, client_factory, redact, found)
+            answered = _check_local_node(report, settings, token, timeout, client_factory,
+                                         redact, found)
+            local = _local_side(settings, token, timeout, client_factory, answered, None)
             sock = settings.node_socket
             if sock and os.path.exists(sock):
                 ep = Endpoint("local node (unix socket)", settings.node_url, unix_socket=sock)
                 _check_remote(report, ep, token, timeout, client_factory, redact)
         else:
-            _check_embedded(report, settings, redact)
+            passed = _check_embedded(report, settings, redact)
+            local = _local_side(settings, token, timeout, client_factory, None, passed)
     local_urls = {r.endpoint.url for r in report.rows if r.endpoint.url}
     for ep in remote_endpoints(settings, extra_endpoints):
         if ep.url in local_urls:
             continue
-        _check_remote(report, ep, token, timeout, client_factory, redact)
+        stopped = _check_remote(report, ep, token, timeout, client_factory, redact)
+        if local is not None and ep.replica:
+            _check_paths(report, ep, stopped, local, token, timeout, wait, client_factory,
+                         redact)
     return report
 
 

@@ -124,9 +124,11 @@ _verb_command("remove", "Stop, disable and delete the installed service file.")
 @click.option("--endpoint", "endpoints", multiple=True, metavar="URL",
               help="Also check this node API URL (repeatable), e.g. a peer on another port.")
 @click.option("--timeout", type=float, default=None,
-              help="Seconds per request (default: HYPERCACHEIO_TIMEOUT).")
+              help="Seconds per request (default: HYPERCACHEIO_TIMEOUT); a replicated "
+                   "key must appear within twice this.")
 def check_cmd(directory: str | None, endpoints: tuple[str, ...], timeout: float | None) -> None:
-    """Ping, Add, Get, Put, Delete and Lock against every configured endpoint."""
+    """Ping, Add, Get, Put, Delete and Lock against every configured endpoint; Forward
+    and Push between a primary and its secondaries."""
     settings = load_settings(directory)
     show_storage(settings)
     if timeout is not None and timeout <= 0:
