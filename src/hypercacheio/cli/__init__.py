@@ -16,6 +16,7 @@ import click
 from .engine import register as _register_engine
 from .node import node_group
 from .service import check_cmd, service_group
+from .top import top_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,5 +29,6 @@ _register_engine(main)
 main.add_command(node_group)
 main.add_command(service_group)
 main.add_command(check_cmd)
+main.add_command(top_cmd)
 
 __all__ = ["main"]

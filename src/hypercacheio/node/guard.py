@@ -5,6 +5,10 @@ too) in the same checks, and translates every failure into ``{"error": ..., "cod
 with a 4xx status; a 5xx only when the storage itself fails: 507 ``storage_full`` when its
 file system is full, 503 ``storage_unavailable`` otherwise. Both clear by themselves once
 the cause is gone (nothing is cached about the failure).
+
+It also counts: each answer per (operation, status) in ``state.requests``, and the time of
+each request per operation in a ``Latency`` histogram of fixed buckets (a ``perf_counter``
+pair and a ``bisect`` per request), which ``metrics_text.py`` renders for ``/metrics``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import hmac
 import json
 import logging
 import sqlite3
+import weakref
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +36,41 @@ StateHandler = Callable[[web.Request, NodeState], Awaitable[web.StreamResponse]]
 
 JSON_TYPE = "application/json"
 PUBLIC = frozenset({"ping", "openapi", None})  # None: no route matched (404/405)
+
+
+LATENCY_BOUNDS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0)
+"""Upper bounds (seconds) of the latency histogram's buckets; one more bucket holds the rest
+(Prometheus' ``le="+Inf"``)."""
+
+
+class Latency:
+    """One operation's request times: a count per bucket of ``LATENCY_BOUNDS`` (not
+    cumulative; the last one is above every bound) and their sum in seconds."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.total += seconds
+
+
+_LATENCIES: weakref.WeakKeyDictionary[NodeState, dict[str, Latency]] = (
+    weakref.WeakKeyDictionary())
+
+
+def latencies(state: NodeState) -> dict[str, Latency]:
+    """The latency histograms of ``state``'s requests, by operation (``unmatched`` for paths
+    and methods no route takes)."""
+    found = _LATENCIES.get(state)
+    if found is None:
+        found = _LATENCIES[state] = {}
+    return found
 
 
 class BadRequest(Exception):
@@ -75,7 +117,7 @@ def storage_failure(op: str | None, exc: BaseException) -> web.Response:
 
 def guarded(state: NodeState, op: str | None, handler: StateHandler) -> Handler:
     """``handler`` behind the guard: rate limit, token, and every failure as a JSON error;
-    counts each answer.
+    counts each answer and times it.
 
     The guard wraps each route's handler rather than being an aiohttp middleware: the same
     checks in the same order, without the middleware machinery's cost on every request.
@@ -84,8 +126,11 @@ def guarded(state: NodeState, op: str | None, handler: StateHandler) -> Handler:
     label = op or "unmatched"
     limiter = state.limiter
     requests = state.requests
+    latency = latencies(state).setdefault(label, Latency())
+    buckets = latency.counts
 
     async def guard(request: web.Request) -> web.StreamResponse:
+        began = perf_counter()
         try:
             if limiter is not None and not limiter.allow(request.remote or ""):
                 state.rate_limited += 1
@@ -124,6 +169,9 @@ def guarded(state: NodeState, op: str | None, handler: StateHandler) -> Handler:
             response = error(500, "internal", "unexpected failure; see the node's log")
         key = (label, response.status)
         requests[key] = requests.get(key, 0) + 1
+        elapsed = perf_counter() - began
+        buckets[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        latency.total += elapsed
         return response
 
     return guard

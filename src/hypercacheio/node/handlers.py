@@ -23,9 +23,9 @@ from ..codec import check_key
 from ..errors import QuorumUnavailable
 from ..l1 import ABSENT, MISS
 from ..store import Store
+from . import metrics_text, replica_routes
 from . import openapi as openapi_document
 from . import protocol as p
-from . import replica_routes
 from .guard import JSON_TYPE, BadRequest, authorize, error, ok
 from .state import NodeState, store_call
 
@@ -451,6 +451,7 @@ async def metrics(request: web.Request, state: NodeState) -> web.StreamResponse:
             lines += [f"# HELP hypercacheio_{name} {help_text}",
                       f"# TYPE hypercacheio_{name} {kind}",
                       f"hypercacheio_{name} {value}"]
+    lines += metrics_text.latency_lines(state)
     lines += replica_routes.metric_lines(state)
     if state.mesh is not None:
         lines += state.mesh.metric_lines()

@@ -1,6 +1,6 @@
-"""``manage.py hypercacheio install|stats|check|node ...``: the CLI, configured from CACHES.
+"""``manage.py hypercacheio install|stats|check|node|top ...``: the CLI, configured from CACHES.
 
-``install`` and ``stats`` run here against the alias's store. ``check`` and ``node`` (and any
+``install`` and ``stats`` run here against the alias's store. ``check``, ``node``, ``top`` (and any
 other CLI command) run the ``hypercacheio`` command itself, with the alias's settings passed
 as the ``HYPERCACHEIO_*`` variables it reads, so both tools always agree.
 """
@@ -29,7 +29,7 @@ BACKEND_PATHS = (
     "hypercacheio.contrib.django.HyperCacheIOCache",
     "hypercacheio.contrib.django.backend.HyperCacheIOCache",
 )
-DELEGATED = ("check", "node")
+DELEGATED = ("check", "node", "top")
 
 
 def hypercacheio_aliases(caches_setting: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -61,7 +61,7 @@ def environment(values: Mapping[str, str]) -> Iterator[None]:
 
 class Command(BaseCommand):
     help = ("hypercacheio for this project's CACHES: install (create the store), stats, "
-            "and the CLI's check and node commands.")
+            "and the CLI's check, node and top commands.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
