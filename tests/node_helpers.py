@@ -102,6 +102,7 @@ class Node:
     def _limits(self) -> None:
         import resource
 
+        assert self.nofile is not None
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, hard))
 
