@@ -26,7 +26,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from hypercacheio.replication.link import LinkOptions, LinkServer, PeerLink  # noqa: E402
+from hypercacheio.replication.link import LinkOptions, PeerLink  # noqa: E402
+from hypercacheio.replication.link_server import LinkServer  # noqa: E402
 from hypercacheio.replication.wire import Frame, Identity, TlsFiles  # noqa: E402
 
 TOKEN = "bench-token-0123456789"

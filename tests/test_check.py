@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from hypercacheio import check as chk
+from hypercacheio.cli.service import render_report
 from hypercacheio.config import Settings
 from hypercacheio.errors import NodeUnavailable
+from hypercacheio.ops import check as chk
 from node_helpers import Node
 
 TOKEN = "check-test-token-5f2a9c"
@@ -314,7 +315,7 @@ def test_failure_details_never_show_the_token() -> None:
     detail = by_check(report)["Get"].detail
     assert TOKEN not in detail and "***" in detail
     console = Console(record=True, width=200)
-    chk.render_report(report, console, family="ufw")
+    render_report(report, console, family="ufw")
     assert TOKEN not in console.export_text()
     assert fake.data == {}
 

@@ -1,7 +1,12 @@
 """The checker of the cluster fault suite must fail on defects: synthetic histories with one
 defect each, and one real primary/secondary cluster with a defect injected by a proxy (no
 hook in the production code): the proxy in front of a secondary answers every tenth push
-batch itself with ``200 {"acked": <last seq>}`` and never forwards it."""
+batch itself with ``200 {"acked": <last seq>}`` and never forwards it.
+
+Active-active: synthetic histories under its guarantees (LWW with slack, local counter
+answers, wiped hosts), and a real 3-node cluster with ``add`` relaxed to local-only
+(``HYPERCACHEIO_HA_LOCAL_ADD=true``, a documented setting that gives up exclusivity): the
+checker must find keys with two add winners."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.checker import Checker, CheckResult, Final
+from cluster.checker import AA_SLACK, Checker, CheckResult, Final, wiped_unknown
 from cluster.harness import (
     ACKED_WRITES,
     ADD_ONE_WINNER,
@@ -251,3 +256,80 @@ def test_a_batch_acked_but_never_delivered_is_repaired_by_a_snapshot(tmp_path: P
     outcome = run(MODES["ps"], tmp_path / "nodes", [], seed=7, duration=3.0, setup=inject)
     assert defect.faked, "the proxy never saw ten push batches"
     assert outcome.converged and outcome.result.valid, outcome.report
+
+
+# ---- active-active ------------------------------------------------------------------------
+
+def aa_check(history: list[Op], finals: list[Final]) -> CheckResult:
+    return Checker(MODES["aa"].guarantees, slack=AA_SLACK).check(history, finals)
+
+
+def nodes(values: dict[str, object]) -> list[Final]:
+    return [final("n1", values), final("n2", values), final("n3", values)]
+
+
+def test_aa_any_concurrent_acknowledged_set_may_win() -> None:
+    history = [op("set", "k", "a", 0.0, 1.0, client="n1/0"),
+               op("set", "k", "b", 0.5, 1.5, client="n2/0"),
+               # invoked within the slack after "a" completed: the same millisecond
+               op("set", "j", "x", 0.0, 1.0, client="n1/0"),
+               op("set", "j", "y", 1.0 + AA_SLACK / 2, 1.2, client="n2/0"),
+               # two hosts answer the same counter value: local answers, the sum is 2
+               op("incr", "c", 1, 0, 1, result=1, client="n1/0"),
+               op("incr", "c", 1, 0, 1, result=1, client="n2/0")]
+    for k, j in (("a", "x"), ("b", "x"), ("a", "y")):
+        result = aa_check(history, nodes({"k": k, "j": j, "c": 2}))
+        assert result.valid, result.failures
+    # primary/secondary holds the same history to one authority's answers
+    assert not check(history, nodes({"k": "b", "j": "y", "c": 2})).valid
+
+
+def test_aa_a_set_definitely_followed_by_another_cannot_win() -> None:
+    history = [op("set", "k", "a", 0.0, 1.0, client="n1/0"),
+               op("set", "k", "b", 1.0 + 10 * AA_SLACK, 1.5, client="n2/0"),
+               op("set", "j", "x", 0.0, 1.0, client="n1/0"),
+               op("delete", "j", None, 1.2, 1.3, result=True, client="n3/0")]
+    result = aa_check(history, nodes({"k": "a", "j": "x"}))
+    assert result.failures_of("acked_writes") and result.failures_of("no_resurrection")
+    # a delete that found nothing on its host is still a later write: "j" must be gone
+    history[-1] = op("delete", "j", None, 1.2, 1.3, result=False, client="n3/0")
+    assert aa_check(history, nodes({"k": "b", "j": "x"})).failures_of("no_resurrection")
+
+
+def test_aa_two_add_winners_and_overlapping_lock_holders_are_caught() -> None:
+    history = [op("add", "a1", "x", 0, 1, result=True, client="n1/0"),
+               op("add", "a1", "y", 0, 1, result=True, client="n2/0"),
+               op("lock", "L", None, 0, 0.1, result=5, end=1.0, end_status=OK, client="n1/0"),
+               op("lock", "L", None, 0.2, 0.3, result=6, end=0.4, end_status=OK,
+                  client="n3/0"),
+               op("incr", "c", 1, 0, 1, result=1, client="n1/0"),
+               op("incr", "c", 1, 0, 1, result=2, client="n2/0")]
+    result = aa_check(history, nodes({"a1": "x", "c": 1}))
+    assert result.failures_of("add_one_winner")
+    assert result.failures_of("lock_exclusive")
+    assert result.failures_of("counters")  # one acknowledged increment lost
+
+
+def test_aa_wiped_host_loses_only_what_it_had_not_streamed() -> None:
+    history = [op("set", "k", "old", 0.0, 0.1, client="n1/0"),
+               op("set", "k", "just-before", 4.6, 4.7, client="n1/1"),
+               op("set", "j", "long-before", 1.0, 1.1, client="n1/0")]
+    # n1 wiped at 5.0: its set at 4.7 may be gone, the one at 1.1 must have streamed
+    relaxed = wiped_unknown(history, [("n1", 5.0)])
+    assert [o.status for o in relaxed] == [OK, UNKNOWN, OK]
+    assert aa_check(relaxed, nodes({"k": "old", "j": "long-before"})).valid
+    assert aa_check(relaxed, nodes({"k": "old"})).failures_of("acked_writes")
+    # a fault that ended just before the wipe stretches the window back to its start
+    relaxed = wiped_unknown(history, [("n1", 5.0)], [(0.5, 4.5)])
+    assert [o.status for o in relaxed] == [OK, UNKNOWN, UNKNOWN]
+
+
+def test_checker_catches_local_adds_in_a_real_active_active_cluster(tmp_path: Path) -> None:
+    """``HYPERCACHEIO_HA_LOCAL_ADD=true``: each node answers ``add`` from its own store, so
+    clients on different hosts racing on one key both win; the checker must say so."""
+    outcome = run(MODES["aa"], tmp_path / "nodes", [], seed=3, duration=3.0,
+                  env={"HYPERCACHEIO_HA_LOCAL_ADD": "true"},
+                  weights={"add": 20, "set": 1, "get": 1}, quiesce_timeout=15.0)
+    assert outcome.converged, outcome.report
+    assert outcome.result.failures_of("add_one_winner"), outcome.report
+    assert not outcome.result.failures_of("converge"), outcome.report

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from cluster_helpers import Cluster, replication_status
-from hypercacheio import check as chk
 from hypercacheio.cli.engine import PRIMARY_PEER_PREFIX
 from hypercacheio.config import Settings
+from hypercacheio.ops import check as chk
 from node_helpers import Node, cli, free_port, wait_until
 
 

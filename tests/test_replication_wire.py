@@ -25,7 +25,8 @@ from hypercacheio.errors import (  # noqa: E402
     NodeUnavailable,
     ReplicationError,
 )
-from hypercacheio.replication.link import Backoff, LinkOptions, LinkServer, PeerLink  # noqa: E402
+from hypercacheio.replication.link import Backoff, LinkOptions, PeerLink  # noqa: E402
+from hypercacheio.replication.link_server import LinkServer  # noqa: E402
 from hypercacheio.replication.wire import (  # noqa: E402
     PROTOCOL_VERSION,
     Frame,

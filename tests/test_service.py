@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hypercacheio import service as svc
 from hypercacheio.cli import main
 from hypercacheio.config import Settings
 from hypercacheio.node.options import NodeOptions
+from hypercacheio.ops import service as svc
 from node_helpers import free_port, wait_until
 
 TOKEN = 'tok-%h"quote\\back$HOME'  # every character systemd would otherwise interpret

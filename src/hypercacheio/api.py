@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from .codec import MAX_KEY_BYTES
 from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock
 
 T = TypeVar("T")
+C = TypeVar("C", bound="CacheBase")
 
 REMEMBER_LOCK_TTL = 60.0  # seconds a crashed ``remember`` computation can hold its key's lock
 
@@ -119,6 +121,61 @@ def remember_lock_name(key: str) -> str:
     return name
 
 
+def check_delta(delta: object) -> int:
+    """``delta`` of incr/decr, refused unless it is a plain int (a bool is not a counter step)."""
+    if type(delta) is not int:
+        raise TypeError(f"delta must be an int, got {type(delta).__name__}")
+    return delta
+
+
+class CacheBase:
+    """What ``Cache`` and ``RemoteCache`` share word for word: ``remember`` (over their own
+    ``get``, ``set`` and ``lock``) and the context manager that calls their ``close``."""
+
+    __slots__ = ()
+
+    # Provided by the subclass (declared here for mypy only).
+    if TYPE_CHECKING:
+        def get(self, key: str, default: Any = None) -> Any: ...
+        def set(self, key: str, value: Any, ttl: Any = ...) -> bool: ...
+        def lock(self, name: str, ttl: float | timedelta | None = 10.0,
+                 owner: str | None = None, *,
+                 blocking_timeout: float | None = DEFAULT_BLOCKING_TIMEOUT) -> Lock: ...
+        def close(self) -> None: ...
+
+    def remember(self, key: str, ttl: Any, fn: Callable[[], T]) -> T:
+        """The value of ``key``, or ``fn()`` stored under it, computed once across processes
+        (and, on a node, across its clients).
+
+        Concurrent callers wait on a lock while one of them computes; if the lock cannot be
+        had within the default lock wait, the caller computes on its own.
+        """
+        value = self.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        lock = self.lock(remember_lock_name(key), ttl=REMEMBER_LOCK_TTL)
+        got = lock.acquire(blocking=True, timeout=DEFAULT_BLOCKING_TIMEOUT)
+        try:
+            value = self.get(key, _MISSING)
+            if value is _MISSING:
+                value = fn()
+                self.set(key, value, ttl)
+            return value
+        finally:
+            if got:
+                lock.release()
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+_MISSING = object()  # remember's own "not there" (a stored None is a value)
+
+
 if TYPE_CHECKING:  # mypy fails here if Cache or RemoteCache drifts from CacheLike
     from .cache import Cache
     from .node.client import RemoteCache
@@ -127,4 +184,4 @@ if TYPE_CHECKING:  # mypy fails here if Cache or RemoteCache drifts from CacheLi
         return local, remote
 
 
-__all__ = ["CacheLike", "remember_lock_name"]
+__all__ = ["CacheBase", "CacheLike", "check_delta", "remember_lock_name"]

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from . import codec
-from .codec import TAG_INT, TAG_PICKLE, UndecodableValue, check_key, decode, encode
+from .api import CacheBase, check_delta
+from .codec import TAG_INT, TAG_PICKLE, check_key, decode, decode_or, encode
 from .config import Settings
 from .l1 import ABSENT, L1
 from .lock import DEFAULT_BLOCKING_TIMEOUT, Lock, LockBackend, StoreLocks
@@ -25,7 +23,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MISSING: Any = object()  # "argument not given" / "no value"; None is a value
-T = TypeVar("T")
 _NEVER = float("inf")
 _GONE = object()  # a ttl <= 0: store nothing, remove the key
 
@@ -95,7 +92,7 @@ class _StoreReader:
         return value
 
 
-class Cache:
+class Cache(CacheBase):
     """A cache shared by every process of the host through one SQLite file.
 
     ``get`` serves from the in-process L1 while no process has written the key since;
@@ -208,15 +205,20 @@ class Cache:
     def _key(self, key: Any) -> str:
         return self.prefix + check_key(key)
 
-    def _expire_at(self, ttl: Any) -> Any:
-        """Absolute expiry for a ttl: None (never), _GONE (ttl <= 0) or a wall-clock time."""
+    def _seconds(self, ttl: Any) -> Any:
+        """A ttl argument as seconds: None (never), > 0, or _GONE (ttl <= 0)."""
         if ttl is MISSING:
             ttl = self.default_ttl
         if ttl is None:
             return None
         seconds = ttl_seconds(ttl)
-        if seconds <= 0:
-            return _GONE
+        return _GONE if seconds <= 0 else seconds
+
+    def _expire_at(self, ttl: Any) -> Any:
+        """Absolute expiry for a ttl: None (never), _GONE (ttl <= 0) or a wall-clock time."""
+        seconds = self._seconds(ttl)
+        if seconds is None or seconds is _GONE:
+            return seconds
         return self._clock() + seconds
 
     def _forget_l1(self, key: str) -> None:
@@ -332,12 +334,7 @@ class Cache:
         full = self._key(key)
         row = self.store.pull(full)
         self._forget_l1(key)
-        if row is None:
-            return default
-        try:
-            return decode(row[0], row[1])
-        except UndecodableValue:
-            return default
+        return decode_or(row, default)
 
     def incr(self, key: str, delta: int = 1, *, create: bool = True) -> int:
         """Add ``delta`` atomically and return the new value; a missing key starts at 0.
@@ -345,8 +342,7 @@ class Cache:
         With ``create=False`` a missing key raises KeyError and nothing is stored
         (Django's contract for ``incr``).
         """
-        if type(delta) is not int:
-            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
+        check_delta(delta)
         full = self._key(key)
         expire = self._expire_at(MISSING)
         try:
@@ -354,11 +350,7 @@ class Cache:
                                     create=create)
         except TypeError:
             # An int beyond 64 bits is stored pickled; say what is really wrong with it.
-            row = self.store.get(full)
-            try:
-                current = decode(row[0], row[1]) if row is not None else None
-            except UndecodableValue:
-                current = None
+            current = decode_or(self.store.get(full), None)
             if type(current) is int:
                 raise OverflowError(f"cannot increment {key!r}: its value {current} is "
                                     "outside the 64-bit range") from None
@@ -368,9 +360,7 @@ class Cache:
 
     def decr(self, key: str, delta: int = 1, *, create: bool = True) -> int:
         """Subtract ``delta`` atomically and return the new value."""
-        if type(delta) is not int:
-            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
-        return self.incr(key, -delta, create=create)
+        return self.incr(key, -check_delta(delta), create=create)
 
     def touch(self, key: str, ttl: Any = MISSING) -> bool:
         """Give ``key`` a new ttl from now; False if it is missing. ttl <= 0 removes it."""
@@ -388,30 +378,6 @@ class Cache:
         self.store.clear()
         if self._l1 is not None:
             self._l1.clear()
-
-    def remember(self, key: str, ttl: Any, fn: Callable[[], T]) -> T:
-        """The value of ``key``, or ``fn()`` stored under it, computed once across processes.
-
-        Concurrent callers wait on a lock while one of them computes; if the lock cannot be
-        had within the default lock wait, the caller computes on its own.
-        """
-        value = self.get(key, MISSING)
-        if value is not MISSING:
-            return value
-        name = f"hypercacheio:remember:{key}"
-        if len(name.encode("utf-8")) > codec.MAX_KEY_BYTES:  # a long key: name its digest
-            name = "hypercacheio:remember:#" + hashlib.sha256(key.encode("utf-8")).hexdigest()
-        lock = self.lock(name, ttl=60.0)
-        got = lock.acquire(blocking=True, timeout=DEFAULT_BLOCKING_TIMEOUT)
-        try:
-            value = self.get(key, MISSING)
-            if value is MISSING:
-                value = fn()
-                self.set(key, value, ttl)
-            return value
-        finally:
-            if got:
-                lock.release()
 
     # ---- locks -----------------------------------------------------------------------
 
@@ -460,13 +426,6 @@ class Cache:
     def close(self) -> None:
         """Close this thread's database connection; the cache reopens it if used again."""
         self.store.close()
-
-    def __enter__(self) -> Cache:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Cache {self.store.directory!r} prefix={self.prefix!r}>"

@@ -67,6 +67,17 @@ def decode(tag: int, payload: Any) -> Any:
     return payload
 
 
+def decode_or(row: tuple[int, Any] | tuple[int, Any, Any] | None, default: Any) -> Any:
+    """The value of a (tag, payload, ...) row, or ``default`` when there is no row or its
+    pickle no longer loads."""
+    if row is None:
+        return default
+    try:
+        return decode(row[0], row[1])
+    except UndecodableValue:
+        return default
+
+
 def payload_size(payload: Payload) -> int:
     if isinstance(payload, int):
         return 8

@@ -9,8 +9,12 @@ quiescence, against the guarantees of the mode (``harness.*`` names).
   by an acknowledged delete is a *resurrection*; a final value older than an acknowledged
   write (or missing) is a *lost write*; a value nobody wrote is a *phantom*.
 - ``counters``: each counter's final value lies between the sum of acknowledged increments
-  and that sum plus the unknown ones; the values the acknowledged increments returned are
-  all different (no increment applied twice or answered from a stale copy).
+  and that sum plus the unknown ones (the workload never sets nor deletes a counter, so the
+  sum runs from the start: "since the last set/delete" is the whole history);
+  ``linear_counters`` (one authority, primary/secondary): the values the acknowledged
+  increments returned are all different (no increment applied twice or answered from a
+  stale copy). Active-active answers an increment from the local node, so two hosts may
+  return the same value; only the sum is its promise.
 - ``add_one_winner``: at most one ``add`` per key answered True, and the final value is the
   winner's (or an unknown add's when none answered True).
 - ``lock_exclusive``: fences of grants are unique; ordered by fence, a grant is never
@@ -22,6 +26,25 @@ quiescence, against the guarantees of the mode (``harness.*`` names).
   had an unknown outcome is not judged (that write may have landed much later).
 
 Unknown outcomes are never taken as happened nor as not happened: they widen what is allowed.
+
+Active-active (last writer wins by (HLC version, node id), versions from each node's wall
+clock in milliseconds plus a counter; every host of the suite shares one wall clock) is held
+to the same register rule with ``slack`` seconds (``AA_SLACK``): precisely, the final value
+of a key must be the value of a ``set`` that is ``ok`` or ``unknown`` (or absence, from a
+``delete`` or from nothing acknowledged), and that candidate ``w`` must not be *followed*
+by an acknowledged write: no ``ok`` set/delete of the key was invoked more than ``slack``
+after ``w`` completed (``unknown`` writes complete at +infinity). A write invoked after
+``w`` completed was stamped at a later wall-clock time, so it carries the higher version
+and must win; within ``slack`` (the same millisecond, where each node's counter and the
+node id break the tie) either may win. So among concurrent acknowledged sets any one may be
+the survivor; a survivor that an acknowledged write definitely followed is a lost write
+(or, when everything after it was a delete, a resurrection).
+
+A *wiped* host (active-active: writes are local until streamed) loses what it had not yet
+sent: ``wiped_unknown`` turns the ``set``/``delete``/``incr`` acknowledged by that host in
+the moments before its wipe into ``unknown`` (``add`` and locks were on a majority before
+they were answered and keep their status). That is the one thing active-active does not
+promise: an acknowledged write survives its host's disk only once streamed.
 """
 
 from __future__ import annotations
@@ -44,12 +67,39 @@ from .harness import (
     ADD_ONE_WINNER,
     CONVERGE,
     COUNTERS,
+    LINEAR_COUNTERS,
     LOCK_EXCLUSIVE,
     NO_RESURRECTION,
 )
 from .workload import FAIL, LOCK_TTL, OK, UNKNOWN, Op
 
 INF = math.inf
+AA_SLACK = 0.005  # versions are wall-clock milliseconds: two writes in one ms may tie
+WIPE_WINDOW = 1.0  # with healthy links a host streams its writes well within this
+
+
+def wiped_unknown(history: Sequence[Op], wipes: Sequence[tuple[str, float]],
+                  faults: Sequence[tuple[float, float | None]] = (),
+                  window: float = WIPE_WINDOW) -> list[Op]:
+    """``history`` with the ``set``/``delete``/``incr`` that a wiped host acknowledged in the
+    ``window`` seconds before its wipe (``wipes``: (host, time)) made ``unknown``; when a
+    fault (``faults``: (start, end)) ended less than ``window`` before the wipe, the window
+    reaches back to that fault's start (the host may not have streamed since)."""
+    spans: list[tuple[str, float, float]] = []
+    for host, at in wipes:
+        since = at - window
+        for start, end in faults:
+            if start < at and (end is None or end > at - window):
+                since = min(since, start)
+        spans.append((host, since, at))
+    out: list[Op] = []
+    for op in history:
+        if (op.status == OK and op.f in ("set", "delete", "incr")
+                and any(op.host == h and a <= op.complete <= b for h, a, b in spans)):
+            op = Op(**{**op.__dict__, "status": UNKNOWN, "error": "acknowledged by a "
+                       "host wiped before it could stream the write"})
+        out.append(op)
+    return out
 
 
 @dataclass
@@ -113,9 +163,11 @@ def _fmt(op: Op) -> str:
 
 
 class Checker:
-    def __init__(self, guarantees: Iterable[str], max_examples: int = 5) -> None:
+    def __init__(self, guarantees: Iterable[str], max_examples: int = 5,
+                 slack: float = 0.0) -> None:
         self.guarantees = frozenset(guarantees)
         self.max_examples = max_examples
+        self.slack = slack  # see the module's docstring (active-active: ``AA_SLACK``)
 
     def check(self, history: Sequence[Op], finals: Sequence[Final]) -> CheckResult:
         failures: list[str] = []
@@ -138,6 +190,7 @@ class Checker:
             failures += self._registers(by_f["set"] + by_f["delete"], finals)
         if COUNTERS in self.guarantees:
             checked.append(COUNTERS)
+            checked += [LINEAR_COUNTERS] if LINEAR_COUNTERS in self.guarantees else []
             failures += self._counters(by_f["incr"], finals)
         if ADD_ONE_WINNER in self.guarantees:
             checked.append(ADD_ONE_WINNER)
@@ -174,8 +227,8 @@ class Checker:
             # completed before it (unknown outcomes may complete any time later)
             last_ok_invoke = max((op.invoke for op in ops if op.status == OK), default=-INF)
 
-            def done(op: Op) -> float:
-                return op.complete if op.status == OK else INF
+            def done(op: Op, slack: float = self.slack) -> float:
+                return op.complete + slack if op.status == OK else INF
 
             for final in finals:
                 value = final.values.get(key)
@@ -227,6 +280,8 @@ class Checker:
                 if not isinstance(value, int) or not acked <= value <= acked + unknown:
                     out.append(f"counters: {key!r} on {final.node} = {value!r}, expected "
                                f"{acked} acknowledged + up to {unknown} unknown")
+            if LINEAR_COUNTERS not in self.guarantees:
+                continue
             results = [op.result for op in ops if op.status == OK]
             dupes = len(results) - len(set(results))
             if dupes:

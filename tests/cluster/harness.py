@@ -14,6 +14,13 @@ nodes are created unstarted, then their URLs are pointed at the proxies): each s
 locks), and the primary's ``HYPERCACHEIO_SECONDARY_URLS`` name a proxy in front of each
 secondary (the push). A later mode (active-active, issue 10) implements ``Mode`` the same way:
 ``build`` returns a ``ClusterHarness`` and ``guarantees`` names what the checker may hold it to.
+
+Active-active (issue 10, ``ActiveActiveMode``, "aa"): hosts ``node-1`` .. ``node-N``, each a
+node with ``HYPERCACHEIO_HA_ENABLED``; a proxy per *directed* pair: node A's
+``HYPERCACHEIO_PEER_ADDRS`` entry for B names the proxy ``node-A->node-B`` in front of B's
+replication port (the HMAC handshake binds node ids, not addresses). Quorum requests (add,
+locks) travel on the same links, so a partition cuts them too. Every client talks to its own
+host's node; there is no authority.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Protocol
 
 from cluster_helpers import Cluster, checksums
 from hypercacheio import RemoteCache
-from node_helpers import PREFIX, Node, wait_until
+from node_helpers import PREFIX, Node, free_port, wait_until
 
 from .proxy import Proxy, ProxyHub
 
@@ -41,8 +48,10 @@ NO_RESURRECTION = "no_resurrection"  # a deleted key never comes back
 COUNTERS = "counters"  # each counter = sum of acknowledged incrs (unknowns bound it)
 ADD_ONE_WINNER = "add_one_winner"  # at most one add winner per key
 LOCK_EXCLUSIVE = "lock_exclusive"  # no two holders at once, fences in grant order
+# one authority answers every incr: no two acknowledged increments return the same value
+LINEAR_COUNTERS = "linear_counters"
 ALL_GUARANTEES = frozenset({CONVERGE, ACKED_WRITES, NO_RESURRECTION, COUNTERS,
-                            ADD_ONE_WINNER, LOCK_EXCLUSIVE})
+                            ADD_ONE_WINNER, LOCK_EXCLUSIVE, LINEAR_COUNTERS})
 
 TMPFS_BYTES = 24 << 20
 
@@ -206,6 +215,11 @@ class Mode(Protocol):
     name: str
     guarantees: frozenset[str]
     faults: frozenset[str]  # the nemesis faults that make sense in this mode
+    authority: str | None  # the host that answers writes and locks, if any
+    # acknowledged writes live only on their host until replicated: a wiped host loses them
+    local_writes: bool
+
+    def host_names(self, nodes: int) -> list[str]: ...
 
     def build(self, root: str | Path, nodes: int, *, tmpfs: Sequence[str] = (),
               env: dict[str, str] | None = None) -> ClusterHarness: ...
@@ -225,6 +239,11 @@ class PrimarySecondaryMode:
     # a wiped primary loses what it acknowledged by definition: only secondaries are wiped
     faults = frozenset({"partition", "isolate", "kill", "kill_primary", "pause",
                         "pause_primary", "slow", "drop_answers", "full_disk", "wipe"})
+    authority: str | None = "primary"
+    local_writes = False
+
+    def host_names(self, nodes: int) -> list[str]:
+        return ["primary", *(f"secondary-{i + 1}" for i in range(nodes - 1))]
 
     def build(self, root: str | Path, nodes: int = 3, *, tmpfs: Sequence[str] = (),
               env: dict[str, str] | None = None) -> ClusterHarness:
@@ -278,4 +297,89 @@ class PrimarySecondaryMode:
         return {}
 
 
-MODES: dict[str, Mode] = {"ps": PrimarySecondaryMode()}
+ANTI_ENTROPY_SECONDS = 2
+
+
+class ActiveActiveMode:
+    """Issue 10: ``nodes`` equal hosts, full mesh over the binary replication port, add and
+    locks by majority (``replication/quorum.py``), everything else local then streamed."""
+
+    name = "aa"
+    # increments are answered by the local node (concurrent ones on two hosts may return
+    # the same value): the sum converges, the answers are not linearizable
+    guarantees = ALL_GUARANTEES - {LINEAR_COUNTERS}
+    faults = frozenset({"partition", "isolate", "kill", "pause", "slow", "drop_answers",
+                        "full_disk", "wipe"})
+    authority: str | None = None
+    local_writes = True
+
+    def host_names(self, nodes: int) -> list[str]:
+        return [f"node-{i + 1}" for i in range(nodes)]
+
+    def build(self, root: str | Path, nodes: int = 3, *, tmpfs: Sequence[str] = (),
+              env: dict[str, str] | None = None) -> ClusterHarness:
+        root = str(root)
+        names = self.host_names(nodes)
+        repl = {name: free_port() for name in names}
+        hub = ProxyHub()
+        links: dict[str, Link] = {}
+        hosts: list[HostNode] = []
+        for name in names:
+            peers = []
+            for other in names:
+                if other == name:
+                    continue
+                proxy = hub.proxy(f"{name}->{other}", repl[other])
+                links[proxy.name] = Link(proxy.name, name, other, proxy)
+                peers.append(f"127.0.0.1:{proxy.port}")
+            node = Node(os.path.join(root, name), extra_env={
+                "HYPERCACHEIO_HA_ENABLED": "true",
+                "HYPERCACHEIO_PEER_ADDRS": ",".join(peers),
+                "HYPERCACHEIO_REPL_PORT": str(repl[name]),
+                "HYPERCACHEIO_ANTI_ENTROPY_INTERVAL": str(ANTI_ENTROPY_SECONDS),
+                "HYPERCACHEIO_TIMEOUT": "1",
+                **(env or {}),
+            })
+            hosts.append(HostNode(name, node, "peer"))
+        harness = ClusterHarness(root, hosts, hub, links, authority=None)
+        try:
+            for host in hosts:
+                if host.name in tmpfs:
+                    mount_tmpfs(host.directory)
+                    host.tmpfs = True
+            harness.start()
+            if not wait_until(lambda: self._linked(harness), 30, 0.05):
+                raise RuntimeError("the mesh did not link within 30 s: "
+                                   + repr({h.name: self._peers(h) for h in hosts}))
+        except BaseException:
+            harness.close()
+            raise
+        return harness
+
+    @staticmethod
+    def _peers(host: HostNode, timeout: float = 1.0) -> list[dict[str, object]]:
+        status, doc = host.node.json("GET", "/ping", timeout=timeout)
+        if status != 200:
+            return []
+        peers: list[dict[str, object]] = doc.get("mesh", {}).get("peers", [])
+        return peers
+
+    def _linked(self, harness: ClusterHarness) -> bool:
+        want = len(harness.hosts) - 1
+        return all(sum(bool(p.get("connected")) for p in self._peers(h)) >= want
+                   for h in harness.hosts)
+
+    def lag(self, harness: ClusterHarness, timeout: float = 0.3) -> dict[str, float]:
+        """Per host, its largest backlog (records its peers have not acknowledged)."""
+        out: dict[str, float] = {}
+        for host in harness.hosts:
+            if not host.running or host.paused:
+                continue
+            with contextlib.suppress(Exception):
+                rows = [float(p.get("backlog_records") or 0)  # type: ignore[arg-type]
+                        for p in self._peers(host, timeout)]
+                out[host.name] = max(rows, default=0.0)
+        return out
+
+
+MODES: dict[str, Mode] = {"ps": PrimarySecondaryMode(), "aa": ActiveActiveMode()}

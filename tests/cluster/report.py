@@ -27,7 +27,8 @@ def text_report(title: str, result: CheckResult, events: Sequence[Event],
     for e in events:
         end = "-" if e.end is None else f"{e.end:.2f}"
         lines.append(f"  {e.start:7.2f} .. {end:>7s}  {e.kind} {e.target}")
-    lines.append("stale reads (measured; a secondary may serve stale data during faults):")
+    lines.append("stale reads (measured, not failed: a host reads its own store, stale during "
+                 "faults):")
     for host, s in stale_summary(result.stale).items():
         lines.append(f"  {host:12s} reads={s['reads']:.0f} stale={s['stale']:.0f} "
                      f"window p50={s['p50_s'] * 1000:.0f} ms p99={s['p99_s'] * 1000:.0f} ms "

@@ -1,6 +1,6 @@
 """``hypercacheio service ...`` and ``hypercacheio check``: arguments in, messages out.
 
-The work is in ``hypercacheio/service.py`` and ``hypercacheio/check.py``; this module only
+The work is in ``hypercacheio/ops/service.py`` and ``hypercacheio/ops/check.py``; this module only
 parses options, calls them and prints.
 """
 
@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.markup import escape
+from rich.table import Table
 
-from .. import check as check_mod
-from .. import service as svc
 from ..auth import TOKEN_VAR, token_path, weak_token_refused
 from ..errors import HypercacheioError
 from ..node.options import NodeOptions
+from ..ops import check as check_mod
+from ..ops import service as svc
+from ..ops import service_verbs
+from ..ops.firewall import firewall_advice
 from .common import directory_option, err, load_settings, out, show_storage
 
 kind_option = click.option(
@@ -89,7 +93,7 @@ def make_cmd(directory: str | None, kind: str | None, scope: str | None, output:
 
 def _run_verb(verb: str, kind: str | None, scope: str | None, unit_dir: str | None) -> None:
     try:
-        manager = svc.manager_for(kind, scope, unit_dir)
+        manager = service_verbs.manager_for(kind, scope, unit_dir)
         result = manager.run(verb)
     except HypercacheioError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -139,8 +143,54 @@ def check_cmd(directory: str | None, endpoints: tuple[str, ...], timeout: float 
         raise click.ClickException(str(exc)) from exc
     report = check_mod.run_check(settings, extra_endpoints=endpoints, timeout=timeout,
                                  options=options)
-    check_mod.render_report(report, out())
+    render_report(report, out())
     sys.exit(report.exit_code)
 
 
-__all__ = ["check_cmd", "service_group"]
+_STYLE = {check_mod.PASS: "[green]PASS[/green]", check_mod.FAIL: "[red]FAIL[/red]",
+          check_mod.SKIP: "[yellow]SKIP[/yellow]"}
+
+
+def render_report(report: check_mod.Report, console: Any, *, family: str | None = None) -> None:
+    """Print the server line, the table of checks, a summary and, if needed, advice."""
+    s = report.server
+    where = (f"host {s.host} port {s.port} (listening on {s.listen_host})"
+             if s.server_type == "node" else f"in-process store at {s.directory}")
+    console.print(f"Server type: [bold]{s.server_type.upper()}[/bold], role {s.role}, "
+                  f"{escape(where)}")
+    if s.found:
+        console.print(f"  (a node {escape(s.found)})")
+    table = Table(title="hypercacheio connectivity check")
+    for name, justify in (("endpoint", "left"), ("address", "left"), ("check", "left"),
+                          ("result", "left"), ("ms", "right"), ("detail", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    last = None
+    for row in report.rows:
+        first = row.endpoint is not last
+        last = row.endpoint
+        table.add_row(escape(row.endpoint.label) if first else "",
+                      escape(row.endpoint.where) if first else "",
+                      row.check, _STYLE[row.status],
+                      "" if row.ms is None else f"{row.ms:.1f}", escape(row.detail))
+    console.print(table)
+    for ep in {r.endpoint: None for r in report.rows if r.endpoint.note}:
+        console.print(f"note: {escape(ep.label)}: {escape(ep.note)}")
+    failed = sum(1 for r in report.rows if r.status == check_mod.FAIL)
+    if report.ok:
+        console.print(f"[green]all {len(report.rows)} checks passed[/green]")
+    else:
+        console.print(f"[red]{failed} check(s) failed[/red], "
+                      f"{sum(1 for r in report.rows if r.status == check_mod.SKIP)} skipped")
+    if report.auth_failed:
+        console.print("[red]authentication failed[/red] on "
+                      + ", ".join(escape(ep.where) for ep in report.auth_failed)
+                      + ": " + escape(check_mod.auth_advice(report)))
+    ports = [ep.port for ep in report.unreachable if ep.port is not None]
+    if ports:
+        console.print("[bold]connection failed[/bold] to "
+                      + ", ".join(escape(ep.where) for ep in report.unreachable))
+        for line in firewall_advice(ports, family=family):
+            console.print(escape(line), highlight=False)
+
+
+__all__ = ["check_cmd", "render_report", "service_group"]

@@ -18,12 +18,12 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
-from types import ModuleType, TracebackType
-from typing import Any, NamedTuple, TypeVar
+from types import ModuleType
+from typing import Any, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from .. import codec
-from ..api import REMEMBER_LOCK_TTL, remember_lock_name
+from ..api import CacheBase, check_delta
 from ..cache import MISSING
 from ..codec import UndecodableValue, check_key
 from ..config import Settings
@@ -33,9 +33,6 @@ from . import protocol as p
 from .transport import Response, Target, check_header_value, make_transport, tls_context
 
 TYPE_KEY = p.TYPE_HEADER.lower()
-VERSION_KEY = p.VERSION_HEADER.lower()
-ORIGIN_KEY = p.ORIGIN_HEADER.lower()
-EXPIRES_KEY = p.EXPIRES_HEADER.lower()
 DEFAULT_LOCK_TTL = 10.0
 T = TypeVar("T")
 
@@ -81,18 +78,7 @@ def _msgpack() -> ModuleType:
     return msgpack
 
 
-class Written(NamedTuple):
-    """What a node said about a write it committed: its version and the node that gave it
-    (``version`` 0: the write took none, it changed nothing), and the expiry it stored.
-    A secondary applies the write locally with them (``hypercacheio.replication.forward``).
-    """
-
-    version: int
-    origin: str
-    expire_at: float | None
-
-
-class RemoteCache:
+class RemoteCache(CacheBase):
     """A cache served by a hypercacheio node: ``RemoteCache("http://host:8080", token)``.
 
     ``url`` is the node's base URL; ``/api/hypercacheio`` is appended when it has no path.
@@ -351,9 +337,7 @@ class RemoteCache:
     def incr(self, key: str, delta: int = 1) -> int:
         """Add ``delta`` atomically and return the new value; a missing key starts at 0 (and
         expires after ``default_ttl``, as with ``Cache``)."""
-        if type(delta) is not int:
-            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
-        fields = {"delta": str(delta)}
+        fields = {"delta": str(check_delta(delta))}
         if self.default_ttl is not None:
             fields["ttl"] = repr(self.default_ttl)
         resp = self._request("POST", "/incr/" + _quote_key(check_key(key)), fields=fields,
@@ -362,9 +346,7 @@ class RemoteCache:
 
     def decr(self, key: str, delta: int = 1) -> int:
         """Subtract ``delta`` atomically and return the new value."""
-        if type(delta) is not int:
-            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
-        return self.incr(key, -delta)
+        return self.incr(key, -check_delta(delta))
 
     def touch(self, key: str, ttl: Any = MISSING) -> bool:
         """Give ``key`` a new ttl from now (None: never expires; left out: ``default_ttl``);
@@ -376,129 +358,6 @@ class RemoteCache:
     def clear(self) -> int:
         """Remove every entry on the node (locks stay); returns how many went."""
         return int(self._json(self._request("DELETE", "/cache")).get("cleared", 0))
-
-    def remember(self, key: str, ttl: Any, fn: Callable[[], T]) -> T:
-        """The value of ``key``, or ``fn()`` stored under it, computed once across clients.
-
-        Concurrent callers wait on a lock held on the node while one of them computes; if
-        the lock cannot be had within the default lock wait, the caller computes on its own.
-        """
-        value = self.get(key, MISSING)
-        if value is not MISSING:
-            return value
-        lock = self.lock(remember_lock_name(key), ttl=REMEMBER_LOCK_TTL)
-        got = lock.acquire(blocking=True, timeout=DEFAULT_BLOCKING_TIMEOUT)
-        try:
-            value = self.get(key, MISSING)
-            if value is MISSING:
-                value = fn()
-                self.set(key, value, ttl)
-            return value
-        finally:
-            if got:
-                lock.release()
-
-    # ---- writes answering their version (a secondary's Cache: replication/forward.py) -----
-    # Keys are given checked, values encoded, ttls as seconds (None: never; > 0).
-
-    def _written(self, resp: Response) -> Written:
-        headers = resp.headers
-        try:
-            version = int(headers.get(VERSION_KEY) or 0)
-            expires = headers.get(EXPIRES_KEY)
-            expire_at = None if expires is None else float(expires)
-        except ValueError as exc:
-            raise NodeUnavailable(f"node at {self._where()} sent an unreadable version or "
-                                  f"expiry header: {exc}") from exc
-        return Written(version, headers.get(ORIGIN_KEY, ""), expire_at)
-
-    def _set_written(self, key: str, tag: int, payload: codec.Payload,
-                     seconds: float | None) -> Written:
-        headers = dict(self._headers)
-        headers[p.TYPE_HEADER] = p.TYPE_NAMES[tag]
-        if seconds is not None:
-            headers[p.TTL_HEADER] = repr(float(seconds))
-        return self._written(self._request("POST", "/cache/" + _quote_key(key),
-                                           body=p.payload_to_body(tag, payload),
-                                           headers=headers))
-
-    def _add_written(self, key: str, tag: int, payload: codec.Payload,
-                     seconds: float | None) -> tuple[bool, Written]:
-        headers = dict(self._headers)
-        headers[p.TYPE_HEADER] = p.TYPE_NAMES[tag]
-        if seconds is not None:
-            headers[p.TTL_HEADER] = repr(float(seconds))
-        resp = self._request("POST", "/add/" + _quote_key(key),
-                             body=p.payload_to_body(tag, payload), headers=headers,
-                             idempotent=False)
-        return bool(self._json(resp).get("added")), self._written(resp)
-
-    def _set_many_written(self, rows: list[tuple[str, int, codec.Payload]],
-                          seconds: float | None) -> Written:
-        items = [[key, p.TYPE_NAMES[tag], p.payload_to_body(tag, payload)]
-                 for key, tag, payload in rows]
-        body, headers = self._pack({"items": items, "ttl": seconds})
-        return self._written(self._request("POST", "/many/set", body, headers))
-
-    def _delete_written(self, key: str) -> tuple[bool, Written]:
-        resp = self._request("DELETE", "/cache/" + _quote_key(key))
-        return bool(self._json(resp).get("deleted")), self._written(resp)
-
-    def _delete_many_written(self, keys: list[str]) -> tuple[int, Written]:
-        body, headers = self._pack({"keys": keys})
-        resp = self._request("POST", "/many/delete", body, headers)
-        return int(self._json(resp).get("deleted", 0)), self._written(resp)
-
-    def _pull_written(self, key: str) -> tuple[tuple[int, codec.Payload] | None, Written]:
-        """The pulled (tag, payload) (None if missing) and the version of the delete."""
-        resp = self._request("POST", "/pull/" + _quote_key(key), idempotent=False)
-        if resp.status == 404:
-            return None, self._written(resp)
-        tag = p.TYPE_TAGS.get(resp.headers.get(TYPE_KEY, "bytes"), codec.TAG_BYTES)
-        try:
-            payload = p.body_to_payload(tag, resp.body)
-        except ValueError as exc:
-            raise NodeUnavailable(f"node at {self._where()} sent an unreadable value for "
-                                  f"POST /pull: {exc}") from exc
-        return (tag, payload), self._written(resp)
-
-    def _incr_written(self, key: str, delta: int, seconds_if_new: float | None,
-                      create: bool = True) -> tuple[int, Written]:
-        """The counter's new value; KeyError when missing and not ``create``."""
-        fields = {"delta": str(delta)}
-        if seconds_if_new is not None:
-            fields["ttl"] = repr(float(seconds_if_new))
-        if not create:
-            fields["create"] = "false"
-        resp = self._request("POST", "/incr/" + _quote_key(key), fields=fields,
-                             idempotent=False)
-        if resp.status == 404:
-            raise KeyError(key)
-        return int(self._json(resp)["value"]), self._written(resp)
-
-    def _touch_written(self, key: str, seconds: float | None
-                       ) -> tuple[tuple[int, codec.Payload] | None, Written]:
-        """The touched row's (tag, payload) (None if the key was missing), for a ttl > 0
-        or None."""
-        headers = dict(self._headers)
-        headers[p.RETURN_HEADER] = "row"
-        if seconds is not None:
-            headers[p.TTL_HEADER] = repr(float(seconds))
-        resp = self._request("POST", "/touch/" + _quote_key(key), headers=headers,
-                             idempotent=False)
-        if resp.status == 404:
-            return None, self._written(resp)
-        tag = p.TYPE_TAGS.get(resp.headers.get(TYPE_KEY, "bytes"), codec.TAG_BYTES)
-        try:
-            payload = p.body_to_payload(tag, resp.body)
-        except ValueError as exc:
-            raise NodeUnavailable(f"node at {self._where()} sent an unreadable value for "
-                                  f"POST /touch: {exc}") from exc
-        return (tag, payload), self._written(resp)
-
-    def _clear_written(self) -> tuple[int, Written]:
-        resp = self._request("DELETE", "/cache")
-        return int(self._json(resp).get("cleared", 0)), self._written(resp)
 
     # ---- locks -----------------------------------------------------------------------
 
@@ -549,13 +408,6 @@ class RemoteCache:
         """Close the pooled connections (the client reconnects if used again)."""
         self._transport.close()
 
-    def __enter__(self) -> RemoteCache:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<RemoteCache {self._where()}>"
 
@@ -600,4 +452,4 @@ class RemoteLock(Lock):
     """A lock held on a node: the same object as a local Lock, its backend a RemoteCache."""
 
 
-__all__ = ["RemoteCache", "RemoteLock", "RequestRejected", "Written"]
+__all__ = ["RemoteCache", "RemoteLock", "RequestRejected"]

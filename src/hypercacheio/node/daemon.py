@@ -162,6 +162,12 @@ async def serve(settings: Settings, options: NodeOptions, token: str, *, version
         gate = ConnectionGate(runner.server, state,
                               connection_cap(options.max_connections, fd_limit),
                               options.read_timeout)
+        if settings.ha_enabled and settings.peer_addrs and settings.role != "secondary":
+            # before the API listens: a request answered in between would take the
+            # standalone path (a lock or an add granted locally, a write of a new store
+            # not yet marked multi-writer, so never streamed), found by tests/cluster
+            state.mesh = _mesh(state, token)
+            await loop.run_in_executor(None, state.mesh.start)
         scheme = "https" if ssl_ctx else "http"
         tcp = await loop.create_server(gate, settings.node_listen_host, settings.node_port,
                                        ssl=ssl_ctx, backlog=1024, reuse_address=True)
@@ -179,9 +185,6 @@ async def serve(settings: Settings, options: NodeOptions, token: str, *, version
         if settings.role == "primary" and settings.secondary_urls:
             state.replication = _pusher(state, token)
             await state.replication.start()
-        if settings.ha_enabled and settings.peer_addrs and settings.role != "secondary":
-            state.mesh = _mesh(state, token)
-            await loop.run_in_executor(None, state.mesh.start)
         # What start-up allocated lives as long as the node: keep it out of the cyclic
         # collector's full passes, which would otherwise walk it (a tail-latency cost).
         gc.collect()

@@ -47,6 +47,17 @@ def _seconds(name: str, raw: Any, *, allow_zero: bool) -> float:
     return value
 
 
+def _count(name: str, raw: Any) -> int:
+    """A setting that is an integer >= 1."""
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class NodeOptions:
     """How the daemon runs: limits, collection, TLS and its files."""
@@ -69,14 +80,8 @@ class NodeOptions:
 
     def __post_init__(self) -> None:
         put = object.__setattr__
-        try:
-            size = int(str(self.max_value_bytes).strip())
-        except ValueError:
-            raise ConfigError(f"HYPERCACHEIO_NODE_MAX_VALUE_BYTES must be an integer, "
-                              f"got {self.max_value_bytes!r}") from None
-        if size < 1:
-            raise ConfigError(f"HYPERCACHEIO_NODE_MAX_VALUE_BYTES must be >= 1, got {size}")
-        put(self, "max_value_bytes", size)
+        put(self, "max_value_bytes", _count("HYPERCACHEIO_NODE_MAX_VALUE_BYTES",
+                                            self.max_value_bytes))
         try:
             rate = float(str(self.rate_limit).strip() or 0)
         except ValueError:
@@ -101,14 +106,8 @@ class NodeOptions:
                               f"got {self.log_level!r}")
         put(self, "log_level", level)
         put(self, "access_log", parse_bool("HYPERCACHEIO_NODE_ACCESS_LOG", self.access_log))
-        try:
-            cap = int(str(self.max_connections).strip())
-        except ValueError:
-            raise ConfigError(f"HYPERCACHEIO_NODE_MAX_CONNECTIONS must be an integer, "
-                              f"got {self.max_connections!r}") from None
-        if cap < 1:
-            raise ConfigError(f"HYPERCACHEIO_NODE_MAX_CONNECTIONS must be >= 1, got {cap}")
-        put(self, "max_connections", cap)
+        put(self, "max_connections", _count("HYPERCACHEIO_NODE_MAX_CONNECTIONS",
+                                            self.max_connections))
         put(self, "idle_timeout", _seconds("HYPERCACHEIO_NODE_IDLE_TIMEOUT", self.idle_timeout,
                                            allow_zero=False))
         put(self, "read_timeout", _seconds("HYPERCACHEIO_NODE_READ_TIMEOUT", self.read_timeout,

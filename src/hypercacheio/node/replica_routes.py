@@ -26,17 +26,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from ..errors import MalformedFrame
-from ..replication.frames import MAX_FRAME_BYTES, decode_batch, decode_snapshot_chunk
-from ..replication.records import ApplyResult
+from ..replication.frames import MAX_FRAME_BYTES, Batch, decode_batch, decode_snapshot_chunk
+from ..replication.records import ApplyResult, SnapshotChunk
 from . import protocol as p
 from .guard import JSON_TYPE, StateHandler, error, ok
 from .state import NodeState, store_call
+
+F = TypeVar("F", Batch, SnapshotChunk)  # a decoded frame
 
 PEER_PREFIX = "primary:"  # + the source's node id: the position applied from that primary
 
@@ -79,15 +82,6 @@ async def _read_frame(request: web.Request, state: NodeState) -> bytes | web.Res
     return b"".join(chunks) if complete else too_large
 
 
-def _malformed(exc: MalformedFrame) -> web.Response:
-    return error(400, "malformed_frame", str(exc))
-
-
-def _same_store() -> web.Response:
-    return error(409, "same_store", "this frame comes from this node's own database: a "
-                 "primary lists itself in HYPERCACHEIO_SECONDARY_URLS; remove it")
-
-
 def _forget(state: NodeState, keys: list[str | None]) -> None:
     if state.l1 is not None:
         for key in keys:
@@ -95,17 +89,29 @@ def _forget(state: NodeState, keys: list[str | None]) -> None:
                 state.l1.discard(key)
 
 
-async def receive_batch(request: web.Request, state: NodeState) -> web.StreamResponse:
+async def _read_decoded(request: web.Request, state: NodeState,
+                        decode: Callable[..., F]) -> F | web.Response:
+    """The request's frame read and decoded whole, or the answer refusing it (too large,
+    malformed, or sent by this node's own database)."""
     body = await _read_frame(request, state)
     if isinstance(body, web.Response):
         return body
     try:
-        batch = decode_batch(body, max_bytes=frame_limit(state))
+        frame = decode(body, max_bytes=frame_limit(state))
     except MalformedFrame as exc:
-        return _malformed(exc)
+        return error(400, "malformed_frame", str(exc))
+    source = frame.source if isinstance(frame, Batch) else frame.start.source
+    if source == state.store.node_id:
+        return error(409, "same_store", "this frame comes from this node's own database: a "
+                     "primary lists itself in HYPERCACHEIO_SECONDARY_URLS; remove it")
+    return frame
+
+
+async def receive_batch(request: web.Request, state: NodeState) -> web.StreamResponse:
+    batch = await _read_decoded(request, state, decode_batch)
+    if isinstance(batch, web.Response):
+        return batch
     store = state.store
-    if batch.source == store.node_id:
-        return _same_store()
     peer = PEER_PREFIX + batch.source
     position = await store_call(state, store.peer_position, peer)
     held = position.acked if position is not None and position.source == batch.source else None
@@ -131,16 +137,10 @@ async def receive_batch(request: web.Request, state: NodeState) -> web.StreamRes
 
 
 async def receive_snapshot(request: web.Request, state: NodeState) -> web.StreamResponse:
-    body = await _read_frame(request, state)
-    if isinstance(body, web.Response):
-        return body
-    try:
-        chunk = decode_snapshot_chunk(body, max_bytes=frame_limit(state))
-    except MalformedFrame as exc:
-        return _malformed(exc)
+    chunk = await _read_decoded(request, state, decode_snapshot_chunk)
+    if isinstance(chunk, web.Response):
+        return chunk
     store = state.store
-    if chunk.start.source == store.node_id:
-        return _same_store()
     peer = PEER_PREFIX + chunk.start.source
     result = await store_call(state, partial(store.apply_snapshot, ack=peer), chunk)
     _forget(state, [row.key for row in chunk.rows])

@@ -4,7 +4,8 @@ A ``Cache`` whose role is ``secondary`` (``Cache(role="secondary", primary_url=.
 ``HYPERCACHEIO_SERVER_ROLE=secondary`` through ``Cache.from_env`` and the Django and Flask
 backends) becomes a ``SecondaryCache`` in ``__init__``: reads stay local (L1 and this
 host's store, which the primary's node keeps up to date by pushing its oplog), and every
-write goes to the primary's node with ``RemoteCache``:
+write goes to the primary's node with ``PrimaryClient`` (``node/primary_client.py``, a
+``RemoteCache`` whose writes answer their version):
 
 - the answer is the primary's: ``add``'s winner, ``incr``'s value, ``delete``'s count;
 - the primary's node answers each write with the version it took (``X-Hypercacheio-Version``
@@ -14,7 +15,7 @@ write goes to the primary's node with ``RemoteCache``:
   push of the same record later is skipped as not newer;
 - a touch comes back as the whole touched row (a touch alone could land here on an older
   copy of the value, which the push of the newer value would then no longer replace);
-- locks are taken on the primary (``RemoteCache`` is the lock backend): one authority, so
+- locks are taken on the primary (its client is the lock backend): one authority, so
   fencing numbers grow across the cluster;
 - the primary unreachable: ``NodeUnavailable`` within ``HYPERCACHEIO_TIMEOUT`` and nothing
   written here (never a local write behind the primary's back). A write that reached the
@@ -25,7 +26,7 @@ primary no longer holds) takes no version and applies nothing here: this host's 
 follows with the push. ``set_many`` and ``delete_many`` of more than ``BATCH_MAX_KEYS`` keys
 go as several requests (a transaction each on the primary).
 
-``RemoteCache`` (the HTTP client) is imported only when a secondary cache is made:
+The HTTP client is imported only when a secondary cache is made:
 ``import hypercacheio`` does not load it.
 """
 
@@ -35,13 +36,14 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..cache import _GONE, MISSING, Cache, ttl_seconds
-from ..codec import TAG_INT, UndecodableValue, decode, encode
+from ..api import check_delta
+from ..cache import _GONE, MISSING, Cache
+from ..codec import TAG_INT, decode_or, encode
 from .records import CLEAR, DELETE, INCR, SET, Record
 
 if TYPE_CHECKING:
     from ..lock import Lock
-    from ..node.client import RemoteCache, Written
+    from ..node.primary_client import PrimaryClient, Written
 
 log = logging.getLogger("hypercacheio.replication.forward")
 
@@ -67,10 +69,10 @@ def secondary_class(cls: type[Cache]) -> type[SecondaryCache]:
 
 def become_secondary(cache: Cache) -> None:
     """Make ``cache`` (its settings' role is secondary) send its writes to the primary."""
-    from ..node.client import RemoteCache
+    from ..node.primary_client import PrimaryClient
 
     s = cache.settings
-    primary = RemoteCache(s.primary_url, s.api_token or None, s.timeout, default_ttl=None)
+    primary = PrimaryClient(s.primary_url, s.api_token or None, s.timeout, default_ttl=None)
     cache.__class__ = secondary_class(type(cache))
     cache._primary = primary  # type: ignore[attr-defined]
     cache._locks = primary  # every lock on the primary: its fences are the cluster's
@@ -80,18 +82,9 @@ class SecondaryCache(Cache):
     """A ``Cache`` on a secondary host: local reads, writes and locks on the primary (see
     the module's notes). Made by ``Cache.__init__``, not directly."""
 
-    _primary: RemoteCache
+    _primary: PrimaryClient
 
     # ---- helpers ---------------------------------------------------------------------
-
-    def _seconds(self, ttl: Any) -> Any:
-        """A ttl argument as seconds for the primary: None (never), > 0, or _GONE."""
-        if ttl is MISSING:
-            ttl = self.default_ttl
-        if ttl is None:
-            return None
-        seconds = ttl_seconds(ttl)
-        return _GONE if seconds <= 0 else seconds
 
     def _apply(self, records: list[Record], keys: Iterable[str] = (), *,
                changed: bool = False) -> None:
@@ -127,10 +120,10 @@ class SecondaryCache(Cache):
         seconds = self._seconds(ttl)
         tag, payload = encode(value)
         if seconds is _GONE:
-            written = self._primary._delete_written(full)[1]
+            written = self._primary.delete_written(full)[1]
             self._apply([self._delete_record(full, written)], (key,))
         else:
-            written = self._primary._set_written(full, tag, payload, seconds)
+            written = self._primary.set_written(full, tag, payload, seconds)
             self._apply([self._set_record(full, tag, payload, written)], (key,), changed=True)
         return True
 
@@ -140,7 +133,7 @@ class SecondaryCache(Cache):
         tag, payload = encode(value)
         if seconds is _GONE:
             return False
-        added, written = self._primary._add_written(full, tag, payload, seconds)
+        added, written = self._primary.add_written(full, tag, payload, seconds)
         if added:
             self._apply([self._set_record(full, tag, payload, written)], (key,), changed=True)
         return added
@@ -152,10 +145,10 @@ class SecondaryCache(Cache):
         for start in range(0, len(fulls), BATCH_MAX_KEYS):
             chunk = fulls[start:start + BATCH_MAX_KEYS]
             if seconds is _GONE:
-                written = self._primary._delete_many_written(chunk)[1]
+                written = self._primary.delete_many_written(chunk)[1]
                 self._apply([self._delete_record(full, written) for full in chunk])
             else:
-                written = self._primary._set_many_written(
+                written = self._primary.set_many_written(
                     [(full, *rows[full]) for full in chunk], seconds)
                 self._apply([self._set_record(full, *rows[full], written) for full in chunk],
                             changed=True)
@@ -165,7 +158,7 @@ class SecondaryCache(Cache):
 
     def delete(self, key: str) -> bool:
         full = self._key(key)
-        deleted, written = self._primary._delete_written(full)
+        deleted, written = self._primary.delete_written(full)
         self._apply([self._delete_record(full, written)], (key,))
         return deleted
 
@@ -175,7 +168,7 @@ class SecondaryCache(Cache):
         count = 0
         for start in range(0, len(fulls), BATCH_MAX_KEYS):
             chunk = fulls[start:start + BATCH_MAX_KEYS]
-            deleted, written = self._primary._delete_many_written(chunk)
+            deleted, written = self._primary.delete_many_written(chunk)
             count += deleted
             self._apply([self._delete_record(full, written) for full in chunk])
         for key in keys:
@@ -184,21 +177,15 @@ class SecondaryCache(Cache):
 
     def pull(self, key: str, default: Any = None) -> Any:
         full = self._key(key)
-        row, written = self._primary._pull_written(full)
+        row, written = self._primary.pull_written(full)
         self._apply([self._delete_record(full, written)], (key,))
-        if row is None:
-            return default
-        try:
-            return decode(row[0], row[1])
-        except UndecodableValue:
-            return default
+        return decode_or(row, default)
 
     def incr(self, key: str, delta: int = 1, *, create: bool = True) -> int:
-        if type(delta) is not int:
-            raise TypeError(f"delta must be an int, got {type(delta).__name__}")
+        check_delta(delta)
         full = self._key(key)
         seconds = self._seconds(MISSING)
-        value, written = self._primary._incr_written(
+        value, written = self._primary.incr_written(
             full, delta, None if seconds is _GONE else seconds, create)
         self._apply([self._set_record(full, TAG_INT, value, written, INCR, delta)], (key,),
                     changed=True)
@@ -208,17 +195,17 @@ class SecondaryCache(Cache):
         full = self._key(key)
         seconds = self._seconds(ttl)
         if seconds is _GONE:
-            deleted, written = self._primary._delete_written(full)
+            deleted, written = self._primary.delete_written(full)
             self._apply([self._delete_record(full, written)], (key,))
             return deleted
-        row, written = self._primary._touch_written(full, seconds)
+        row, written = self._primary.touch_written(full, seconds)
         if row is not None:  # the touched row, whole (see the module's notes)
             self._apply([self._set_record(full, row[0], row[1], written)], (key,),
                         changed=True)
         return row is not None
 
     def clear(self) -> None:
-        written = self._primary._clear_written()[1]
+        written = self._primary.clear_written()[1]
         self._apply([Record(0, CLEAR, None, None, None, None, written.version,
                             written.origin)])
         if self._l1 is not None:

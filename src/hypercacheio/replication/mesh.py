@@ -4,7 +4,7 @@ A node with ``HYPERCACHEIO_HA_ENABLED`` and ``HYPERCACHEIO_PEER_ADDRS`` runs one
 :class:`Mesh`, on a thread of its own with its own event loop (a peer's batch waiting on
 another process's SQLite lock never stalls the HTTP API, and the other way round):
 
-- **Listening**: a :class:`~.link.LinkServer` on ``HYPERCACHEIO_REPL_PORT`` (HMAC
+- **Listening**: a :class:`~.link_server.LinkServer` on ``HYPERCACHEIO_REPL_PORT`` (HMAC
   handshake, optional TLS): peers' batches are applied with ``Store.apply`` (never logged
   again: no echo; the version vector makes a duplicate, replayed or reordered record a
   no-op) and acknowledged with the highest oplog position of the batch.
@@ -32,6 +32,11 @@ another process's SQLite lock never stalls the HTTP API, and the other way round
 
 Membership is static: every node lists every other one. A node is added by starting it
 (empty: it bootstraps) with the full list and adding its address to the others'.
+
+What the mesh shows (``/ping``, ``/metrics``) is in ``observe.py``. The rest stays one module
+of about 600 lines because shipping, bootstrap, inbound frames and anti-entropy share one
+event loop, one ``PeerState`` per peer and the acknowledged positions, which a split would
+pass back and forth between modules.
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..config import Settings, parse_host_port
 from ..errors import NodeUnavailable, ReplicationError
 from ..store.mesh import Digest
+from . import observe
 from .antientropy import differing
 from .frames import decode_batch, decode_snapshot_chunk, encode_batch, encode_snapshot_chunk
-from .link import LinkOptions, LinkServer, PeerLink
+from .link import LinkOptions, PeerLink
+from .link_server import LinkServer
 from .records import Record, SnapshotChunk, SnapshotRow, SnapshotStart
 from .wire import Frame, FrameType, Identity, TlsFiles, WireCounters
 
@@ -592,98 +599,11 @@ class Mesh:
 
     def status(self) -> dict[str, Any]:
         """Per peer: connected, handshake, lag, backlog, last contact, rates, conflicts."""
-        now_mono = time.monotonic()
-        try:
-            last = self.store.oplog_position()
-        except Exception:
-            last = -1
-        peers = []
-        for peer in self.peers:
-            link = peer.link.status()
-            t0, f0, b0, fi0, bi0 = peer.rate_mark
-            c = peer.link.counters
-            span = now_mono - t0
-            rates = {"frames_out_per_s": 0.0, "bytes_out_per_s": 0.0}
-            if t0 and span > 0:
-                rates = {"frames_out_per_s": round((c.frames_out - f0) / span, 1),
-                         "bytes_out_per_s": round((c.bytes_out - b0) / span, 1)}
-            if not t0 or span > 5.0:
-                peer.rate_mark = (now_mono, c.frames_out, c.bytes_out, c.frames_in, c.bytes_in)
-            skew = self.store.skew_counts.get(peer.peer_id or "", 0)
-            peers.append({
-                "address": peer.address,
-                "node_id": peer.peer_id,
-                "connected": bool(link.get("connected")),
-                "handshake": peer.handshake,
-                "acked": peer.acked,
-                "backlog_records": max(0, last - peer.acked) if last >= 0 else None,
-                "lag_ms": None if peer.last_lag_ms is None else round(peer.last_lag_ms, 3),
-                "last_contact_age": link.get("last_contact_age"),
-                "last_received_age": (None if peer.last_received is None
-                                      else round(time.time() - peer.last_received, 3)),
-                "records_sent": peer.records_sent,
-                "records_received": peer.records_received,
-                "conflicts_resolved": peer.conflicts,
-                "clock_skew_records": skew,
-                "snapshots": peer.snapshots,
-                "resyncs_asked": peer.resyncs_asked,
-                "anti_entropy_buckets": peer.anti_entropy_repairs,
-                "frames_out": c.frames_out, "bytes_out": c.bytes_out,
-                **rates,
-                "last_error": link.get("last_error", ""),
-            })
-        lags = sorted(self.lag_samples)
-        lag = ({"p50_ms": round(lags[len(lags) // 2], 3),
-                "p99_ms": round(lags[min(len(lags) - 1, int(len(lags) * 0.99))], 3),
-                "samples": len(lags)} if lags else None)
-        return {"node_id": self.own, "configured_nodes": self.size,
-                "received_lag": lag,
-                "majority": self.size // 2 + 1,
-                "listening": self.server.port if self.server is not None else None,
-                "applied": self.applied_total, "conflicts_resolved": self.conflicts_total,
-                "bootstrapped": self.bootstrapped,
-                "last_snapshot": (None if self.last_snapshot is None else
-                                  {"rows": self.last_snapshot[0],
-                                   "seconds": round(self.last_snapshot[1], 4)}),
-                "quorum": self.quorum.status() if self.quorum is not None else None,
-                "handshakes_refused": self.counters.handshakes_refused,
-                "peers": peers}
+        return observe.mesh_status(self)
 
     def metric_lines(self) -> list[str]:
         """Prometheus lines for ``/metrics``."""
-        doc = self.status()
-        lines = [
-            "# HELP hypercacheio_mesh_peer_connected Active-active peer linked (1) or not.",
-            "# TYPE hypercacheio_mesh_peer_connected gauge",
-        ]
-        per_peer = [("connected", "gauge"), ("backlog_records", "gauge"), ("lag_ms", "gauge"),
-                    ("records_sent", "counter"), ("records_received", "counter"),
-                    ("conflicts_resolved", "counter"), ("clock_skew_records", "counter"),
-                    ("bytes_out", "counter"), ("frames_out", "counter")]
-        for name, kind in per_peer:
-            if name != "connected":
-                lines += [f"# HELP hypercacheio_mesh_peer_{name} Active-active, per peer: "
-                          f"{name.replace('_', ' ')}.",
-                          f"# TYPE hypercacheio_mesh_peer_{name} {kind}"]
-            for row in doc["peers"]:
-                value = row[name]
-                if value is None:
-                    continue
-                lines.append(f'hypercacheio_mesh_peer_{name}{{peer="{row["address"]}"}} '
-                             f"{int(value) if isinstance(value, bool) else value}")
-        lines += ["# HELP hypercacheio_mesh_handshakes_refused_total Replication "
-                  "connections refused (wrong token, cluster id, TLS).",
-                  "# TYPE hypercacheio_mesh_handshakes_refused_total counter",
-                  f"hypercacheio_mesh_handshakes_refused_total {doc['handshakes_refused']}"]
-        quorum = doc["quorum"] or {}
-        for name, help_text in (
-                ("granted", "Locks and add claims this node obtained from a majority."),
-                ("refused", "Locks and add claims refused (held by another owner)."),
-                ("unavailable", "Locks and adds refused for want of a majority (503).")):
-            lines += [f"# HELP hypercacheio_quorum_{name}_total {help_text}",
-                      f"# TYPE hypercacheio_quorum_{name}_total counter",
-                      f"hypercacheio_quorum_{name}_total {quorum.get(name, 0)}"]
-        return lines
+        return observe.mesh_metric_lines(self)
 
 
 __all__ = ["Mesh", "PeerState", "SnapshotRow"]

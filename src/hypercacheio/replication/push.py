@@ -53,6 +53,7 @@ from ..codec import payload_size
 from ..errors import HypercacheioError
 from ..node.protocol import MSGPACK_TYPE, TOKEN_HEADER
 from ..store import Store
+from . import observe
 from .frames import MAX_BATCH_RECORDS, encode_batch, encode_snapshot_chunk
 from .records import Record
 
@@ -434,77 +435,11 @@ class Pusher:
     def status(self) -> list[dict[str, Any]]:
         """Per secondary: connected, acknowledged position, backlog (rows and seconds of
         the oldest record not acknowledged), last error, what was sent."""
-        store = self.store
-        last = store.oplog_position()
-        now = store.clock()
-        rows = []
-        for link in self.links:
-            backlog = max(0, last - link.acked)
-            seconds = 0.0
-            if backlog:
-                oldest = store.oplog_since(link.acked, 1)
-                if oldest:
-                    seconds = max(0.0, now - (oldest[0].hlc >> 16) / 1000)
-            rows.append({
-                "url": link.url,
-                "connected": link.connected is True,
-                "acked": link.acked,
-                "backlog_rows": backlog,
-                "backlog_seconds": round(seconds, 3),
-                "snapshotting": link.snapshotting or link.need_snapshot,
-                "last_error": link.last_error,
-                "last_error_at": link.last_error_at,
-                "batches_sent": link.batches,
-                "rows_sent": link.rows,
-                "snapshots_sent": link.snapshots,
-                "snapshot_rows_sent": link.snapshot_rows,
-                "errors": link.errors,
-            })
-        return rows
+        return observe.push_status(self)
 
     def metric_lines(self) -> list[str]:
         """The Prometheus text of ``status`` (label ``secondary="url"``)."""
-        rows = self.status()
-        series = [
-            ("connected", "gauge", "1 if the last push to the secondary succeeded.",
-             lambda r: int(r["connected"])),
-            ("acked_position", "gauge", "Last oplog position the secondary acknowledged.",
-             lambda r: r["acked"]),
-            ("backlog_rows", "gauge", "Oplog rows the secondary has not acknowledged.",
-             lambda r: r["backlog_rows"]),
-            ("backlog_seconds", "gauge", "Age of the oldest oplog row the secondary has not "
-             "acknowledged.", lambda r: r["backlog_seconds"]),
-            ("batches_sent_total", "counter", "Oplog batches the secondary acknowledged.",
-             lambda r: r["batches_sent"]),
-            ("rows_sent_total", "counter", "Oplog rows the secondary acknowledged.",
-             lambda r: r["rows_sent"]),
-            ("snapshots_sent_total", "counter", "Full snapshots sent to the secondary.",
-             lambda r: r["snapshots_sent"]),
-            ("push_errors_total", "counter", "Failed pushes (each retried).",
-             lambda r: r["errors"]),
-        ]
-        lines: list[str] = []
-        for name, kind, text, get in series:
-            lines += [f"# HELP hypercacheio_replication_{name} {text}",
-                      f"# TYPE hypercacheio_replication_{name} {kind}"]
-            for row in rows:
-                lines.append(f'hypercacheio_replication_{name}{{secondary="{_label(row["url"])}"}}'
-                             f" {get(row)}")
-        lines += [
-            "# HELP hypercacheio_replication_sync_writes_total Writes that waited for the "
-            "secondaries (HYPERCACHEIO_ASYNC=false).",
-            "# TYPE hypercacheio_replication_sync_writes_total counter",
-            f"hypercacheio_replication_sync_writes_total {self.sync_writes}",
-            "# HELP hypercacheio_replication_sync_short_total Waiting writes that returned "
-            "with fewer confirmations than secondaries (one down, or the timeout).",
-            "# TYPE hypercacheio_replication_sync_short_total counter",
-            f"hypercacheio_replication_sync_short_total {self.sync_short}",
-            "# HELP hypercacheio_replication_last_sync_replicas Secondaries that confirmed "
-            "the last waiting write.",
-            "# TYPE hypercacheio_replication_last_sync_replicas gauge",
-            f"hypercacheio_replication_last_sync_replicas {self.last_sync_replicas or 0}",
-        ]
-        return lines
+        return observe.push_metric_lines(self)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
@@ -516,10 +451,6 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait((waiter,), timeout=timeout)
     finally:
         waiter.cancel()
-
-
-def _label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 __all__ = ["Link", "NeedSnapshot", "PushError", "Pusher"]

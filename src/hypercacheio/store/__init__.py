@@ -4,8 +4,9 @@ Where things are: ``schema`` (files, pragmas, tables, statements, schema version
 ``connections`` (per-thread connections and the fork handshake), ``core`` (``Store``: opening,
 reads and the one write path), ``clock`` (the database's hybrid logical clock), ``upkeep``
 (expiry, size limits, oplog trimming, checkpoints), ``fs`` (file-system checks),
-``diagnose`` (SQLite and OS failures into ``hypercacheio.errors``) and ``replica`` (the store's
-side of replication: oplog reads, applying records and snapshots, peer positions, digests).
+``diagnose`` (SQLite and OS failures into ``hypercacheio.errors``), ``replica`` (the store's
+side of replication: oplog reads, applying records, peer positions, digests), ``snapshot``
+(taking and applying snapshots) and ``replica_methods`` (those as methods of ``Store``).
 """
 
 from __future__ import annotations

@@ -271,7 +271,8 @@ def apply_rows(store: Store, rows: Iterable[SnapshotRow], found: Iterable[Counte
     ``source``, the other store's digest, taken before the rows were read, when they are
     every row of every bucket in which the two differed: its clear applies here, and its
     version vector merges into this one (everything it counts is here now)."""
-    from .replica import SQL_APPLY_CLEAR, _observe, cleared, put_row, set_cleared
+    from .replica import SQL_APPLY_CLEAR, _observe, cleared, set_cleared
+    from .snapshot import put_row
 
     applied = skipped = 0
     with store.transaction() as txn:

@@ -1,5 +1,6 @@
-"""The store's side of replication: reading its oplog, applying another store's records
-and snapshots, replication positions, and a digest of the live rows.
+"""The store's side of replication: reading its oplog, applying another store's records,
+replication positions, and a digest of the live rows. Snapshots are in ``snapshot.py``; the
+methods ``Store`` offers for all of it are in ``replica_methods.py``.
 
 Everything that changes rows runs in ``Store.transaction`` (the one write path: BEGIN
 IMMEDIATE, COMMIT, new L1 tokens for the changed keys). What each op means is in
@@ -22,7 +23,8 @@ A peer that has not acknowledged a row keeps it for at most the window; after th
 position is older than the oldest row kept and it needs a snapshot (``Store.can_resume``).
 Tombstones live for the window (their ``expire_at``), the longest a peer can be away and
 still catch up from the oplog; a peer away longer takes a snapshot, which replaces each key
-range it covers (``apply_snapshot``), so no tombstone is needed to forget a deleted key.
+range it covers (``apply_snapshot``, in ``snapshot.py``), so no tombstone is needed to forget
+a deleted key.
 A node should register each configured peer (``peer_ack(peer, 0)``) before it first
 connects, so that the oplog waits for it.
 """
@@ -33,8 +35,8 @@ import hashlib
 import logging
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..codec import TAG_INT, TAG_TOMBSTONE, TAGS, payload_size
 from ..errors import ReplicationError
@@ -49,9 +51,6 @@ from ..replication.records import (
     OplogBounds,
     PeerPosition,
     Record,
-    SnapshotChunk,
-    SnapshotRow,
-    SnapshotStart,
 )
 from . import counters, mesh
 from .clock import SQL_OBSERVE
@@ -80,11 +79,6 @@ SQL_APPLY_PUT = (
 SQL_APPLY_TOUCH = ("UPDATE entries SET expire_at = ?, hlc = ?, node = ? "
                    "WHERE key = ? AND tag != -1 AND (hlc, node) < (?, ?)")
 SQL_APPLY_CLEAR = "DELETE FROM entries WHERE (hlc, node) < (?, ?)"
-SQL_SNAPSHOT = ("SELECT key, tag, value, expire_at, hlc, node FROM entries "
-                "WHERE key > ? AND (expire_at IS NULL OR expire_at > ?) ORDER BY key LIMIT ?")
-SQL_RANGE_OLD = "SELECT key FROM entries WHERE key > ? AND hlc <= ?"
-SQL_RANGE_OLD_UPTO = "SELECT key FROM entries WHERE key > ? AND key <= ? AND hlc <= ?"
-SQL_DELETE_KEY = "DELETE FROM entries WHERE key = ?"
 SQL_LIVE = ("SELECT key, tag, value, expire_at, hlc, node FROM entries "
             "WHERE tag != -1 AND (expire_at IS NULL OR expire_at > ?) ORDER BY key")
 # an acknowledgement moves a position forward only (acks may arrive out of order), unless
@@ -281,120 +275,6 @@ def _observe(store: Store, conn: sqlite3.Connection, remote: int) -> None:
     conn.execute(SQL_OBSERVE, (remote, remote))  # survives a reboot
 
 
-# ---- snapshots -----------------------------------------------------------------------------
-
-def snapshot_begin(store: Store) -> SnapshotStart:
-    """Where a snapshot starts: a version taken under the write lock, so every write
-    committed so far is at or below ``position`` and ``hlc``, and every later one above
-    both."""
-    with store.transaction() as txn:
-        position = int(txn.conn.execute(SQL_OPLOG_LAST).fetchone()[0])
-        hlc, node = cleared(txn.conn)
-        return SnapshotStart(position, txn.hlc, store.node_id, hlc, node,
-                             mesh.read_vector(txn.conn, store.node_id))
-
-
-def snapshot_chunk(store: Store, start: SnapshotStart, after: str | None,
-                   limit: int) -> SnapshotChunk:
-    """Up to ``limit`` rows and tombstones after the key ``after``, in key order (one short
-    read: writes go on between chunks)."""
-    if limit < 1:
-        raise ValueError(f"snapshot chunk limit must be at least 1, got {limit}")
-    conn = store._lease()
-    try:
-        if store.multi_writer:
-            found = conn.execute(mesh.SQL_SNAPSHOT_ROWS, {
-                "after": after or _NO_KEY, "now": store.clock(), "limit": limit,
-                "window": TOMBSTONE_SECONDS})
-        else:
-            found = conn.execute(SQL_SNAPSHOT, (after or _NO_KEY, store.clock(), limit))
-        rows = [SnapshotRow._make(row) for row in found]
-        done = len(rows) < limit
-        contributions = counters.contributions(conn, after or _NO_KEY,
-                                               None if done else rows[-1].key)
-    except sqlite3.Error as exc:
-        raise storage_error(exc, store.path, "read a snapshot", store.busy_timeout) from exc
-    finally:
-        conn.busy -= 1
-    return SnapshotChunk(start, after, mesh.base_values(rows, contributions), done,
-                         tuple(contributions))
-
-
-def snapshot_chunks(store: Store, start: SnapshotStart, limit: int = 1000,
-                    after: str | None = None) -> Iterator[SnapshotChunk]:
-    """Every chunk from ``after`` on, the last one ``done``."""
-    while True:
-        chunk = snapshot_chunk(store, start, after, limit)
-        yield chunk
-        if chunk.done:
-            return
-        after = chunk.rows[-1].key
-
-
-def apply_snapshot(store: Store, chunk: SnapshotChunk, *, ack: str | None = None) -> ApplyResult:
-    """Apply a snapshot chunk: its rows by last writer wins, and the key range it covers
-    replaced, so a row here that the source did not hold at the snapshot's start (deleted
-    there long ago, or never written) goes. Rows newer than the start stay: they came from
-    the source's oplog since.
-
-    ``ack=peer``: the last chunk records ``start.position`` as the position applied from
-    ``peer`` (replacing any position from it, in any source's oplog).
-    """
-    start = chunk.start
-    applied = skipped = 0
-    with store.transaction() as txn:
-        conn = txn.conn
-        if set_cleared(txn, start.cleared_hlc, start.cleared_node):  # the source's clear
-            conn.execute(SQL_APPLY_CLEAR, (start.cleared_hlc, start.cleared_node))
-            conn.execute(counters.SQL_CLEAR_OLDER, (start.cleared_hlc, start.cleared_node))
-            counters.after_clear(txn, (start.cleared_hlc, start.cleared_node))
-            txn.everything = True
-        floor = cleared(conn)
-        keys = set()
-        top = start.hlc
-        for row in chunk.rows:
-            keys.add(row.key)
-            top = max(top, row.hlc)
-            if (row.hlc, row.node) <= floor:
-                skipped += 1
-                continue
-            if put_row(txn, row):
-                applied += 1
-            else:
-                skipped += 1
-        after = chunk.after or _NO_KEY
-        if chunk.done:
-            old = conn.execute(SQL_RANGE_OLD, (after, start.hlc))
-        else:
-            old = conn.execute(SQL_RANGE_OLD_UPTO, (after, chunk.rows[-1].key, start.hlc))
-        stale = [key for (key,) in old if key not in keys]
-        conn.executemany(SQL_DELETE_KEY, [(key,) for key in stale])
-        txn.changed.extend(stale)
-        for contribution in chunk.counters:
-            applied += counters.apply_contribution(txn, contribution, floor)
-        if chunk.done and txn.clustered and store.multi_writer:
-            mesh.merge_vector(conn, start.vector)
-        _observe(store, conn, top)
-        if ack is not None and chunk.done:
-            conn.execute(SQL_PEER_SET, (ack, start.position, start.source, txn.now))
-    return ApplyResult(applied, skipped)
-
-
-def put_row(txn: Txn, row: SnapshotRow) -> bool:
-    """A row (or tombstone) of another store by last writer wins; an int row carries its
-    base's value (``mesh.base_values``), to which the contributions here are added."""
-    value = row.value
-    size = 0 if value is None else len(row.key) + payload_size(value)
-    if txn.conn.execute(SQL_APPLY_PUT, (row.key, row.tag, value, row.expire_at, size,
-                                        row.hlc, row.node)).rowcount <= 0:
-        return False
-    txn.changed.append(row.key)
-    txn.inserted += row.tag != TAG_TOMBSTONE
-    if row.tag in (TAG_INT, TAG_TOMBSTONE):
-        counters.after_write(txn, row.key, row.tag, row.expire_at, (row.hlc, row.node))
-    return True
-
-
 # ---- replication positions -----------------------------------------------------------------
 
 def peer_ack(store: Store, peer: str, seq: int, source: str | None = None) -> PeerPosition:
@@ -470,124 +350,3 @@ def live_digest(store: Store, now: float | None = None,
     finally:
         conn.busy -= 1
     return count, digest.hexdigest()
-
-
-# ---- the methods of Store -------------------------------------------------------------------
-
-
-def _store(methods: Replication) -> Store:
-    return cast("Store", methods)  # Replication is only ever a base of Store
-
-
-class Replication:
-    """The replication methods of ``Store`` (a base class of it; the work is above)."""
-
-    def oplog_since(self, seq: int, limit: int = 500) -> list[Record]:
-        """The oplog rows after position ``seq``, oldest first, at most ``limit``."""
-        return oplog_since(_store(self), seq, limit)
-
-    def oplog_position(self) -> int:
-        """The seq of the last oplog row written (0 if none ever was)."""
-        return oplog_bounds(_store(self)).last
-
-    def oplog_bounds(self) -> OplogBounds:
-        """(oldest seq still kept, last seq written)."""
-        return oplog_bounds(_store(self))
-
-    def can_resume(self, acked: int) -> bool:
-        """Whether a peer that acknowledged ``acked`` of this oplog can catch up from it
-        (else it needs a snapshot)."""
-        return can_resume(_store(self), acked)
-
-    def apply(self, records: Iterable[Record], *, relay: bool = False,
-              ack: tuple[str, str] | None = None) -> ApplyResult:
-        """Apply another store's records: one transaction, last writer wins on (hlc, node),
-        tombstones for deletes, the clock moved past every version seen. Applied records
-        are not logged here again unless ``relay``; ``ack=(peer, source database id)``
-        records the batch's last seq as the position applied from that peer."""
-        return apply(_store(self), records, relay=relay, ack=ack)
-
-    def snapshot_begin(self) -> SnapshotStart:
-        """Take the oplog position (and version) a snapshot starts at: before its first
-        chunk, so that its chunks then the oplog from ``position`` converge."""
-        return snapshot_begin(_store(self))
-
-    def snapshot_chunk(self, start: SnapshotStart, after: str | None,
-                       limit: int = 1000) -> SnapshotChunk:
-        """Up to ``limit`` live rows and tombstones after key ``after``, in key order."""
-        return snapshot_chunk(_store(self), start, after, limit)
-
-    def snapshot_chunks(self, start: SnapshotStart, limit: int = 1000,
-                        after: str | None = None) -> Iterator[SnapshotChunk]:
-        """Every chunk after key ``after``; the last one is ``done``."""
-        return snapshot_chunks(_store(self), start, limit, after)
-
-    def apply_snapshot(self, chunk: SnapshotChunk, *, ack: str | None = None) -> ApplyResult:
-        """Apply a snapshot chunk (rows by last writer wins; the key range it covers
-        replaced); with ``ack=peer`` the last chunk records the snapshot's position."""
-        return apply_snapshot(_store(self), chunk, ack=ack)
-
-    def peer_ack(self, peer: str, seq: int, source: str | None = None) -> PeerPosition:
-        """Persist that ``peer`` acknowledged ``seq`` of ``source``'s oplog (default: this
-        database's, whose unacknowledged rows it then keeps, up to the tombstone window)."""
-        return peer_ack(_store(self), peer, seq, source)
-
-    def peer_positions(self) -> list[PeerPosition]:
-        """Every persisted replication position, by peer."""
-        return peer_positions(_store(self))
-
-    def peer_position(self, peer: str) -> PeerPosition | None:
-        return peer_position(_store(self), peer)
-
-    def peer_forget(self, peer: str) -> bool:
-        """Drop a peer's position (its unacknowledged oplog rows are no longer kept)."""
-        return peer_forget(_store(self), peer)
-
-    def live_digest(self, now: float | None = None, *,
-                    versions: bool = False) -> tuple[int, str]:
-        """(count, digest) of the live rows at ``now``: equal on two stores that hold the
-        same live keys, values and expiries (and versions, with ``versions``)."""
-        return live_digest(_store(self), now, versions)
-
-    def checksum(self, now: float | None = None, *, versions: bool = False) -> str:
-        """The digest of ``live_digest`` alone."""
-        return live_digest(_store(self), now, versions)[1]
-
-    # ---- active-active (store/mesh.py, store/counters.py) ----
-
-    def version_vector(self) -> dict[str, int]:
-        """Per origin, the highest sequence number up to which every write is applied here
-        (this node's own entry counts its own writes)."""
-        store = _store(self)
-        conn = store._lease()
-        try:
-            return dict(mesh.read_vector(conn, store.node_id))
-        except sqlite3.Error as exc:
-            raise storage_error(exc, store.path, "read the version vector",
-                                store.busy_timeout) from exc
-        finally:
-            conn.busy -= 1
-
-    def contributions(self, key: str | None = None) -> list[CounterRow]:
-        """The active-active counter contributions held (of one key, or every one)."""
-        store = _store(self)
-        conn = store._lease()
-        try:
-            return [c for c in counters.contributions(conn, _NO_KEY, None)
-                    if key is None or c.key == key]
-        finally:
-            conn.busy -= 1
-
-    def bucket_digests(self, now: float | None = None) -> mesh.Digest:
-        """The anti-entropy digest: ``mesh.BUCKETS`` bucket hashes of rows and contributions,
-        with the version vector and last clear they cover."""
-        return mesh.bucket_digests(_store(self), now)
-
-    def bucket_rows(self, buckets: Iterable[int]) -> tuple[list[SnapshotRow], list[CounterRow]]:
-        """Every row, tombstone and contribution of the given buckets."""
-        return mesh.bucket_rows(_store(self), buckets)
-
-    def apply_rows(self, rows: Iterable[SnapshotRow], found: Iterable[CounterRow],
-                   source: mesh.Digest | None = None) -> ApplyResult:
-        """Apply another store's bucket rows (see ``mesh.apply_rows``)."""
-        return mesh.apply_rows(_store(self), rows, found, source)

@@ -141,6 +141,11 @@ SQL_TOMBSTONE = (
     "UPDATE entries SET tag = -1, value = NULL, expire_at = ?, size = 0, hlc = ?, node = ? "
     "WHERE key = ? AND tag != -1 RETURNING (expire_at)"
 )
+# active-active: a delete of a key absent here still leaves a (newer) tombstone
+SQL_TOMBSTONE_PUT = (
+    "INSERT OR REPLACE INTO entries(key, tag, value, expire_at, size, hlc, node) "
+    "VALUES (?, -1, NULL, ?, 0, ?, ?)"
+)
 # incr: one statement; refuses (changes nothing) on a missing, expired, non-int or overflow
 SQL_INCR = (
     "UPDATE entries SET value = value + :delta, hlc = :hlc, node = :node "

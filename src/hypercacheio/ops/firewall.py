@@ -2,7 +2,7 @@
 
 ``ufw`` on the Debian family, ``firewalld`` on the RHEL family (found from ``/etc/os-release``),
 the application firewall on macOS, and generic iptables/nft lines elsewhere. Used by the
-connectivity check (``check.py``).
+connectivity check (``ops/check.py``).
 """
 
 from __future__ import annotations

@@ -5,20 +5,17 @@ primary, the HA peers, any extra URL) it runs Ping, Add, Get, Put, Delete and Lo
 fresh key ``hypercacheio:check:<uuid>`` and a fresh lock name, and removes both afterwards,
 whatever failed. A connection failure comes with firewall advice for this host's system.
 
-Replication paths: on a secondary, Forward (a write through the local node, or the library
-when embedded, reaches the primary and reads back here) and Push (a key written on the
-primary appears here within ``PUSH_WAIT_FACTOR`` request timeouts); on a primary, Push to
-each secondary (read back from the secondary's API). Their keys have CHECK_TTL and are
-deleted afterwards.
+Replication paths: on a secondary its primary's Forward and Push, on a primary its Push to
+each secondary (``check_paths.py``, run from ``run_check`` after each such endpoint).
 
 Peers are configured as ``host:repl_port`` (the binary replication port), which says nothing
 about their HTTP API port. The check assumes that every node of a cluster serves its HTTP
 API on the same port as this host (``HYPERCACHEIO_NODE_PORT``); pass ``--endpoint URL`` for a
 node where that is not true.
 
-The module runs to about 780 lines on purpose: endpoint discovery, the six checks, the
-replication paths, their cleanup and the report are one feature read top to bottom; the
-firewall advice is in ``firewall.py``.
+The firewall advice for an endpoint that did not answer is in ``firewall.py``; the report is
+printed by ``cli/service.py``. The module stays at about 550 lines because endpoint discovery,
+the six checks and the run that sequences them are one flow read top to bottom.
 """
 
 from __future__ import annotations
@@ -34,9 +31,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .auth import FROM_DEFAULT, FROM_ENV, TOKEN_FILE, TOKEN_VAR, client_token
-from .config import API_PATH, Settings
-from .errors import AuthError, HypercacheioError, NodeUnavailable
+from ..auth import FROM_DEFAULT, FROM_ENV, TOKEN_FILE, TOKEN_VAR, client_token
+from ..config import API_PATH, Settings
+from ..errors import AuthError, HypercacheioError, NodeUnavailable
 from .firewall import (  # noqa: F401 - part of this module's API
     DEBIAN_LIKE,
     OS_RELEASE,
@@ -48,8 +45,8 @@ from .firewall import (  # noqa: F401 - part of this module's API
 )
 
 if TYPE_CHECKING:
-    from .node.options import NodeOptions
-    from .node.supervise import LocalNode
+    from ..node.options import NodeOptions
+    from ..node.supervise import LocalNode
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +201,7 @@ ClientFactory = Callable[[Endpoint, str, float], Any]
 
 def remote_client(endpoint: Endpoint, token: str, timeout: float) -> Any:
     """A ``RemoteCache`` for ``endpoint`` (imported late: it needs the server extra)."""
-    from .node.client import RemoteCache
+    from ..node.client import RemoteCache
 
     if endpoint.url is None:
         raise ValueError(f"{endpoint.label} has no URL")
@@ -451,7 +448,7 @@ def _check_local_node(report: Report, settings: Settings, token: str, timeout: f
 
 def _check_embedded(report: Report, settings: Settings, redact: Callable[[str], str]) -> bool:
     """Embedded mode has no local API: check the store in this process instead."""
-    from .cache import Cache
+    from ..cache import Cache
 
     ep = Endpoint("local store", None)
     cache: Any = None
@@ -472,194 +469,12 @@ def _check_embedded(report: Report, settings: Settings, redact: Callable[[str], 
     return checker.stopped is None
 
 
-# --- the replication paths ----------------------------------------------------------------
-
-
-@dataclass
-class LocalSide:
-    """Where the replication checks write and read on this host: the local node (by its
-    API) or, embedded, the store in this process (``prefix``: its keys' prefix, which a
-    node's API does not add). ``problem``: why it cannot be used (the rows are skipped)."""
-
-    open: Callable[[], Any]
-    where: str
-    node: bool
-    prefix: str = ""
-    problem: str | None = None
-
-
-def _wait_for(read: Callable[[], Any], want: Any, seconds: float) -> bool:
-    """True once ``read()`` returns ``want``, polling for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        if read() == want:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_SECONDS)
-
-
-class _PathChecker(_Checker):
-    """The Forward and Push checks, in the group of the remote endpoint they involve.
-    Every key it writes has CHECK_TTL and is deleted afterwards."""
-
-    def __init__(self, report: Report, endpoint: Endpoint, redact: Callable[[str], str],
-                 local: LocalSide, wait: float) -> None:
-        super().__init__(report, endpoint, None, redact)
-        self.local = local
-        self.wait = wait
-        self.mine: Any = None  # the local side (a RemoteCache or a Cache)
-        self.remote: Any = None  # the primary or the secondary, by its API
-        self.via_local: list[str] = []  # keys written here: deleted here (forwarded)
-        self.via_remote: list[str] = []  # keys written on the remote: deleted there
-
-    def fresh(self, what: str) -> tuple[str, str]:
-        run = uuid.uuid4().hex
-        return f"{KEY_PREFIX}{what}:{run}", f"hypercacheio check {what} {run}"
-
-    def forward(self) -> str:
-        key, value = self.fresh("forward")
-        self.via_local.append(key)
-        self.mine.set(key, value, CHECK_TTL)
-        got = self.remote.get(self.local.prefix + key)
-        _expect(got == value,
-                f"a write through the {self.local.where} did not reach the primary (it reads "
-                f"{got!r}): is HYPERCACHEIO_SERVER_ROLE=secondary set for it, with "
-                "HYPERCACHEIO_PRIMARY_URL naming this primary?")
-        got = self.mine.get(key)
-        _expect(got == value, f"the write reached the primary, but this host reads {got!r} "
-                              "back (no read-your-writes)")
-        return "written here, read back on the primary and here"
-
-    def push_here(self) -> str:
-        key, value = self.fresh("push")
-        self.via_remote.append(self.local.prefix + key)
-        start = time.monotonic()
-        self.remote.set(self.local.prefix + key, value, CHECK_TTL)
-        if not _wait_for(lambda: self.mine.get(key), value, self.wait):
-            why = ("does the primary's HYPERCACHEIO_SECONDARY_URLS list this node's URL, "
-                   "with the same HYPERCACHEIO_API_TOKEN?" if self.local.node else
-                   "no node runs for this storage directory, and the primary pushes to a "
-                   "secondary's node: start one (hypercacheio node start)")
-            raise CheckFailed(f"a key written on the primary did not appear here within "
-                              f"{self.wait:g} s: {why}")
-        return f"written on the primary, read here after {_ms(start):.0f} ms"
-
-    def push_there(self, status: Callable[[], str]) -> str:
-        key, value = self.fresh("push")
-        self.via_local.append(key)
-        start = time.monotonic()
-        self.mine.set(key, value, CHECK_TTL)
-        if not _wait_for(lambda: self.remote.get(self.local.prefix + key), value, self.wait):
-            raise CheckFailed(f"a key written on this primary did not appear on the "
-                              f"secondary within {self.wait:g} s; {status()}")
-        return f"written here, read on the secondary after {_ms(start):.0f} ms"
-
-    def cleanup(self) -> None:
-        for target, keys in ((self.mine, self.via_local), (self.remote, self.via_remote)):
-            for key in keys:
-                try:
-                    target.delete(key)
-                except Exception as exc:
-                    log.warning("check: could not delete %s via %s (%s); it expires in %g s",
-                                key, self.endpoint.where, self.redact(str(exc)), CHECK_TTL)
-
-
-def _push_status(local: LocalSide, endpoint: Endpoint) -> str:
-    """What the primary's own node says of its push to ``endpoint`` (``/ping``)."""
-    if not local.node:
-        return ("no node runs for this storage directory: a primary's node does the push "
-                "(hypercacheio node start)")
-    try:
-        client = local.open()
-        try:
-            doc = client.ping()
-        finally:
-            client.close()
-    except Exception as exc:
-        return f"the primary's node did not say why ({_describe(exc)})"
-    rows = (doc.get("replication") or {}).get("secondaries")
-    if rows is None:
-        return ("the local node pushes to no secondary: set HYPERCACHEIO_SERVER_ROLE=primary "
-                "and HYPERCACHEIO_SECONDARY_URLS for it and restart it")
-    for row in rows:
-        if row.get("url") == endpoint.configured:
-            state = "connected" if row.get("connected") else "not connected"
-            text = (f"the primary's node reports its push {state}, backlog "
-                    f"{row.get('backlog_rows', '?')} rows ({row.get('backlog_seconds', '?')} s)")
-            if row.get("last_error"):
-                text += f", last error: {row['last_error']}"
-            return text
-    return (f"the primary's node does not push to {endpoint.configured}: restart it after "
-            "changing HYPERCACHEIO_SECONDARY_URLS")
-
-
-def _check_paths(report: Report, endpoint: Endpoint, remote_stopped: str | None,
-                 local: LocalSide, token: str, timeout: float, wait: float,
-                 factory: ClientFactory, redact: Callable[[str], str]) -> None:
-    """Forward and Push on a secondary host (``endpoint``: its primary), or Push on a
-    primary (``endpoint``: one of its secondaries)."""
-    checker = _PathChecker(report, endpoint, redact, local, wait)
-    names = (FORWARD, PUSH) if endpoint.replica == "primary" else (PUSH,)
-    if local.problem:
-        checker.stopped = local.problem
-    elif remote_stopped and endpoint.replica == "primary":
-        checker.stopped = remote_stopped
-    elif remote_stopped:
-        # a primary whose secondary does not answer: its push is broken, say what it sees
-        reason = remote_stopped.removeprefix("skipped: ")
-        checker.add_row(PUSH, FAIL, f"cannot read from the secondary ({reason}); "
-                                    f"{_push_status(local, endpoint)}")
-        return
-    if checker.stopped:
-        for name in names:
-            checker.step(name, lambda: "")
-        return
-    try:
-        try:
-            checker.remote = factory(endpoint, token, timeout)
-            checker.mine = local.open()
-        except Exception as exc:  # e.g. the embedded store cannot open: report, go on
-            for name in names:
-                checker.add_row(name, FAIL, f"cannot open the {local.where}: {_describe(exc)}")
-            return
-        if endpoint.replica == "primary":
-            checker.step(FORWARD, checker.forward)
-            checker.step(PUSH, checker.push_here)
-        else:
-            checker.step(PUSH, partial(checker.push_there,
-                                       partial(_push_status, local, endpoint)))
-    finally:
-        checker.cleanup()
-        for side in (checker.mine, checker.remote):
-            close = getattr(side, "close", None)
-            if close is not None:
-                close()
-
-
-def _local_side(settings: Settings, token: str, timeout: float, factory: ClientFactory,
-                node: Endpoint | None, embedded_ok: bool | None) -> LocalSide:
-    """The local side of the replication checks, after the local checks ran: ``node`` is
-    the local node that answered (None if none did), ``embedded_ok`` whether the in-process
-    store passed (None: the node was checked instead)."""
-    if embedded_ok is None:
-        if node is None:
-            return LocalSide(lambda: None, "local node", True,
-                             problem="skipped: local node not reachable")
-        return LocalSide(lambda: factory(node, token, timeout), "local node", True)
-    from .cache import Cache
-
-    return LocalSide(lambda: Cache(settings=settings, l1_max_items=0), "library (embedded)",
-                     False, prefix=settings.prefix,
-                     problem=None if embedded_ok else "skipped: the local store failed")
-
-
 def local_node(settings: Settings, options: NodeOptions | None = None) -> LocalNode | None:
     """The node running for this storage directory, found as the CLI finds it (its pid file,
     and the address it recorded there)."""
     try:
-        from .node.options import NodeOptions
-        from .node.supervise import find_local_node
+        from ..node.options import NodeOptions
+        from ..node.supervise import find_local_node
 
         return find_local_node(settings, options or NodeOptions.from_env())
     except (ImportError, HypercacheioError) as exc:  # bad node options: say so, go on
@@ -679,6 +494,8 @@ def run_check(settings: Settings, *, extra_endpoints: Iterable[str] = (),
     each secondary (a pushed key must appear within ``push_wait`` seconds, by default
     ``PUSH_WAIT_FACTOR`` times the request timeout).
     """
+    from .check_paths import LocalSide, check_paths, local_side  # it builds on this module
+
     timeout = settings.timeout if timeout is None else timeout
     wait = PUSH_WAIT_FACTOR * timeout if push_wait is None else push_wait
     report = Report(server_info(settings))
@@ -700,21 +517,21 @@ def run_check(settings: Settings, *, extra_endpoints: Iterable[str] = (),
         if found is not None or settings.server_type == "node":
             answered = _check_local_node(report, settings, token, timeout, client_factory,
                                          redact, found)
-            local = _local_side(settings, token, timeout, client_factory, answered, None)
+            local = local_side(settings, token, timeout, client_factory, answered, None)
             sock = settings.node_socket
             if sock and os.path.exists(sock):
                 ep = Endpoint("local node (unix socket)", settings.node_url, unix_socket=sock)
                 _check_remote(report, ep, token, timeout, client_factory, redact)
         else:
             passed = _check_embedded(report, settings, redact)
-            local = _local_side(settings, token, timeout, client_factory, None, passed)
+            local = local_side(settings, token, timeout, client_factory, None, passed)
     local_urls = {r.endpoint.url for r in report.rows if r.endpoint.url}
     for ep in remote_endpoints(settings, extra_endpoints):
         if ep.url in local_urls:
             continue
         stopped = _check_remote(report, ep, token, timeout, client_factory, redact)
         if local is not None and ep.replica:
-            _check_paths(report, ep, stopped, local, token, timeout, wait, client_factory,
+            check_paths(report, ep, stopped, local, token, timeout, wait, client_factory,
                          redact)
     return report
 
@@ -731,54 +548,3 @@ def auth_advice(report: Report) -> str:
         return (f"the token in {saved} was refused: is that node serving another storage "
                 f"directory? Pass --directory, or set {TOKEN_VAR}.")
     return f"set the same {TOKEN_VAR} on every host."
-
-
-# --- printing -----------------------------------------------------------------------------
-
-
-_STYLE = {PASS: "[green]PASS[/green]", FAIL: "[red]FAIL[/red]", SKIP: "[yellow]SKIP[/yellow]"}
-
-
-def render_report(report: Report, console: Any, *, family: str | None = None) -> None:
-    """Print the server line, the table of checks, a summary and, if needed, advice."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    s = report.server
-    where = (f"host {s.host} port {s.port} (listening on {s.listen_host})"
-             if s.server_type == "node" else f"in-process store at {s.directory}")
-    console.print(f"Server type: [bold]{s.server_type.upper()}[/bold], role {s.role}, "
-                  f"{escape(where)}")
-    if s.found:
-        console.print(f"  (a node {escape(s.found)})")
-    table = Table(title="hypercacheio connectivity check")
-    for name, justify in (("endpoint", "left"), ("address", "left"), ("check", "left"),
-                          ("result", "left"), ("ms", "right"), ("detail", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    last = None
-    for row in report.rows:
-        first = row.endpoint is not last
-        last = row.endpoint
-        table.add_row(escape(row.endpoint.label) if first else "",
-                      escape(row.endpoint.where) if first else "",
-                      row.check, _STYLE[row.status],
-                      "" if row.ms is None else f"{row.ms:.1f}", escape(row.detail))
-    console.print(table)
-    for ep in {r.endpoint: None for r in report.rows if r.endpoint.note}:
-        console.print(f"note: {escape(ep.label)}: {escape(ep.note)}")
-    failed = sum(1 for r in report.rows if r.status == FAIL)
-    if report.ok:
-        console.print(f"[green]all {len(report.rows)} checks passed[/green]")
-    else:
-        console.print(f"[red]{failed} check(s) failed[/red], "
-                      f"{sum(1 for r in report.rows if r.status == SKIP)} skipped")
-    if report.auth_failed:
-        console.print("[red]authentication failed[/red] on "
-                      + ", ".join(escape(ep.where) for ep in report.auth_failed)
-                      + ": " + escape(auth_advice(report)))
-    ports = [ep.port for ep in report.unreachable if ep.port is not None]
-    if ports:
-        console.print("[bold]connection failed[/bold] to "
-                      + ", ".join(escape(ep.where) for ep in report.unreachable))
-        for line in firewall_advice(ports, family=family):
-            console.print(escape(line), highlight=False)
