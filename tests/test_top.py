@@ -265,9 +265,9 @@ def dashboard_names_exist(primary: Node) -> None:
     exprs = [t["expr"] for panel in doc["panels"] for t in panel["targets"]]
     used = {name for expr in exprs for name in re.findall(r"hypercacheio_\w+", expr)}
     exposed = set(parse_metrics(primary.request("GET", "/metrics")[2].decode()))
-    from hypercacheio.replication import mesh
+    from hypercacheio.replication import observe
 
-    mesh_source = Path(mesh.__file__).read_text()
+    mesh_source = Path(observe.__file__).read_text()  # where the mesh's series are named
     missing = sorted(name for name in used if name not in exposed and not (
         name.startswith("hypercacheio_mesh_peer_")
         and f'("{name.removeprefix("hypercacheio_mesh_peer_")}", ' in mesh_source))
