@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from disk_helpers import mounted_tmpfs
 from hypercacheio import Cache
 
 
@@ -38,3 +39,9 @@ def cache(request: pytest.FixtureRequest, cache_dir: str, clock: FakeClock) -> I
     c = Cache(cache_dir, l1_max_items=request.param, clock=clock)
     yield c
     c.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted for the test (root only; skipped elsewhere)."""
+    yield from mounted_tmpfs(tmp_path)

@@ -29,7 +29,7 @@ from cluster.harness import (
     ClusterHarness,
 )
 from cluster.run import run
-from cluster.workload import FAIL, OK, UNKNOWN, Op
+from cluster.workload import FAIL, LOCK_TTL, OK, UNKNOWN, Op
 from hypercacheio.replication.frames import decode_batch, encode_batch
 from hypercacheio.replication.records import DELETE, TOUCH
 
@@ -333,3 +333,54 @@ def test_checker_catches_local_adds_in_a_real_active_active_cluster(tmp_path: Pa
     assert outcome.converged, outcome.report
     assert outcome.result.failures_of("add_one_winner"), outcome.report
     assert not outcome.result.failures_of("converge"), outcome.report
+
+
+# ---- clock skew (the nemesis' ``skew``): two rules relaxed by exactly the bound --------------
+
+def test_aa_under_skew_a_later_write_may_lose_by_up_to_the_skew() -> None:
+    """n2's clock 1 s behind n1's: its set invoked 0.5 s after n1's completed may carry the
+    lower version and lose; one invoked 1.5 s after must still win."""
+    history = [op("set", "k", "a", 0.0, 1.0, client="n1/0"),
+               op("set", "k", "b", 1.5, 1.6, client="n2/0"),
+               op("set", "j", "x", 0.0, 1.0, client="n1/0"),
+               op("delete", "j", None, 1.5, 1.6, result=True, client="n2/0")]
+    skewed = Checker.for_run(ALL_GUARANTEES, local_writes=True, skew=1.0)
+    assert skewed.check(history, nodes({"k": "a", "j": "x"})).valid
+    # without skew the same finals are a lost write and a resurrection
+    plain = Checker.for_run(ALL_GUARANTEES, local_writes=True).check(
+        history, nodes({"k": "a", "j": "x"}))
+    assert plain.failures_of(ACKED_WRITES) and plain.failures_of(NO_RESURRECTION)
+    # beyond the bound the rule holds again
+    later = [op("set", "k", "a", 0.0, 1.0, client="n1/0"),
+             op("set", "k", "b", 2.5, 2.6, client="n2/0")]
+    assert skewed.check(later, nodes({"k": "a"})).failures_of(ACKED_WRITES)
+    # one authority stamps every version: primary/secondary is not relaxed
+    one = Checker.for_run(ALL_GUARANTEES, local_writes=False, skew=1.0)
+    assert one.check(history, nodes({"k": "a", "j": "x"})).failures_of(ACKED_WRITES)
+
+
+def test_under_skew_a_lease_may_end_early_by_the_skew_only() -> None:
+    """A holder that never released (its release lost) holds until ttl - skew; a grant
+    after that is fine under skew, one before it is two holders."""
+    # the first holder's release never went out (its client stalled holding it)
+    history = [op("lock", "L", None, 0.0, 0.1, result=1, end=None, end_status=UNKNOWN),
+               op("lock", "L", None, LOCK_TTL - 1.0, LOCK_TTL - 0.9, result=2, end=3.0,
+                  end_status=OK)]
+    assert Checker.for_run(ALL_GUARANTEES, True).check(history, nodes({})).failures_of(
+        LOCK_EXCLUSIVE)
+    assert Checker.for_run(ALL_GUARANTEES, True, skew=1.5).check(history, nodes({})).valid
+    early = [history[0], op("lock", "L", None, 1.0, 1.1, result=2, end=1.2, end_status=OK)]
+    assert Checker.for_run(ALL_GUARANTEES, True, skew=1.5).check(
+        early, nodes({})).failures_of(LOCK_EXCLUSIVE)
+    # what does not depend on clocks is not relaxed: two add winners, a short counter
+    wrong = [op("add", "a1", "x", 0, 1, result=True, client="n1/0"),
+             op("add", "a1", "y", 0, 1, result=True, client="n2/0"),
+             op("incr", "c", 1, 0, 1, result=1, client="n1/0")]
+    result = Checker.for_run(ALL_GUARANTEES, True, skew=1.5).check(
+        wrong, nodes({"a1": "x", "c": 0}))
+    assert result.failures_of(ADD_ONE_WINNER) and result.failures_of(COUNTERS)
+
+
+def test_a_skew_not_well_below_the_lock_ttl_is_refused() -> None:
+    with pytest.raises(ValueError, match="lock ttl"):
+        Checker(ALL_GUARANTEES, skew=LOCK_TTL)

@@ -3,7 +3,9 @@ fault each, fixed seeds; after healing and quiescence the checker holds the mode
 guarantees (see ``tests/cluster/checker.py``). Each scenario is one short run of a real
 cluster (1 primary + 2 secondaries, or 3 active-active nodes; 5 nodes for one), 2 clients
 per host. Active-active runs a few scenarios here (a minority isolated, kill -9 + restart,
-a pause, a wipe and rejoin); ``scripts/chaos.sh --mode aa`` runs the rest at random.
+a pause, a wipe and rejoin, clock skew); ``scripts/chaos.sh --mode aa`` runs the rest at
+random. Clock skew (``skew-primary``, ``skew-node``): a node restarted with the test-only
+``HYPERCACHEIO_TEST_CLOCK_OFFSET``; the checker relaxes real-time rules by the bound only.
 
 The network-namespace variant (veth + tc netem) runs only when this runner can create
 namespaces and has the netem qdisc; it skips with the reason otherwise.
@@ -52,6 +54,9 @@ SCENARIOS: dict[str, tuple[list[Step], int]] = {
     "pause-primary": ([Step(FAULT_AT, "pause", "primary", FAULT_FOR)], 3),
     "pause-secondary": ([Step(FAULT_AT, "pause", "secondary-2", FAULT_FOR)], 3),
     "wipe-secondary": ([Step(FAULT_AT + 1, "wipe", "secondary-1", 0.0)], 3),
+    # the primary restarted with its clock 1.5 s fast, then back: versions stay in order
+    # (its clock never goes back), leases it judges may end 1.5 s early (checker: ttl - skew)
+    "skew-primary": ([Step(FAULT_AT, "skew", "primary", FAULT_FOR, offset=1.5)], 3),
     # five nodes: a minority partition (two secondaries), then a secondary killed
     "five-nodes-partition": ([Step(FAULT_AT, "partition", ("secondary-1", "secondary-3"), 1.5),
                               Step(FAULT_AT + 2.0, "kill", "secondary-4", 1.5)], 5),
@@ -76,6 +81,12 @@ AA_SCENARIOS: dict[str, tuple[list[Step], dict[str, int] | None]] = {
     "isolate-node": ([Step(FAULT_AT, "isolate", "node-1", FAULT_FOR)], None),
     "kill-node": ([Step(FAULT_AT, "kill", "node-2", FAULT_FOR)], None),
     "pause-node": ([Step(FAULT_AT, "pause", "node-3", FAULT_FOR)], None),
+    # a node restarted with its clock 1.5 s fast (back to 0 when the run ends), then cut
+    # off to the end: on healing its writes carry versions up to 1.5 s ahead and win over
+    # its peers' later ones (LWW by version; the checker's real-time rule is relaxed by the
+    # bound; without it, 2 of 2 runs of this schedule flagged "stale final value")
+    "skew-node": ([Step(FAULT_AT, "skew", "node-1", DURATION, offset=1.5),
+                   Step(FAULT_AT + 1.5, "isolate", "node-1", DURATION)], None),
     # empty again: a snapshot from a peer, then the streams (with a new node id); locks
     # and counters weighted up: what the restart window got wrong
     "wipe-node": ([Step(FAULT_AT + 1, "wipe", "node-1", 0.0)],
@@ -102,12 +113,21 @@ def _assert_valid(outcome: RunOutcome) -> None:
     assert len(hosts) == len({f.node for f in outcome.finals}), outcome.report
 
 
+def _assert_skewed(tmp_path: Path, steps: list[Step]) -> None:
+    """Each skew step's node ran with its offset (the node logs it when it starts)."""
+    logs = "".join(p.read_text() for p in (tmp_path / "nodes").rglob("node.log"))
+    for step in steps:
+        if step.kind == "skew":
+            assert f"clock runs {step.offset:+.3f} s off" in logs, step
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_primary_secondary_survives(tmp_path: Path, name: str) -> None:
     steps, nodes = SCENARIOS[name]
     outcome = _run(tmp_path, name, steps, nodes)
     _assert_valid(outcome)
     assert len(outcome.events) == len(steps)
+    _assert_skewed(tmp_path, steps)
 
 
 @pytest.mark.skipif(can_mount_tmpfs() is not None, reason=str(can_mount_tmpfs()))
@@ -128,6 +148,8 @@ def test_active_active_survives(tmp_path: Path, name: str) -> None:
     outcome = _run(tmp_path, name, steps, 3, mode=AA, weights=weights)
     _assert_valid(outcome)
     assert len(outcome.events) == len(steps)
+    assert [e.offset for e in outcome.events] == [s.offset for s in steps]
+    _assert_skewed(tmp_path, steps)
     # the faults bit: operations failed or were left unknown while they lasted
     assert any(op.status != "ok" for op in outcome.history), outcome.report
 
@@ -164,6 +186,26 @@ def test_a_failing_seed_is_reproducible() -> None:
     assert draw(5) != draw(6)
     kinds = {s.kind for s in draw(5) + draw(6) + draw(7)}
     assert {"kill", "pause"} <= kinds
+
+
+def test_skew_faults_are_drawn_with_bounded_offsets() -> None:
+    """chaos.sh's schedules include clock skew, in +/-SKEW_RANGE, in both modes; the checker
+    gets the bound from the schedule (max_skew)."""
+    import random
+
+    from cluster.nemesis import SKEW_RANGE, max_skew, random_schedule
+    from cluster.workload import LOCK_TTL
+
+    for mode in (MODE, AA):
+        hosts = mode.host_names(3)
+        steps = [s for seed in range(8) for s in random_schedule(
+            random.Random(seed), hosts, mode.authority, mode.faults, 1.0, 300.0)]
+        skews = [s for s in steps if s.kind == "skew"]
+        assert skews, mode.name
+        assert all(SKEW_RANGE[0] <= abs(s.offset) <= SKEW_RANGE[1] for s in skews)
+        assert {s.offset > 0 for s in skews} == {True, False}
+        assert all(s.offset == 0 for s in steps if s.kind != "skew")
+        assert max_skew(steps) == max(abs(s.offset) for s in skews) <= LOCK_TTL / 2
 
 
 # ---- network namespaces (optional) ----------------------------------------------------------

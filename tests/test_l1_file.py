@@ -8,52 +8,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from disk_helpers import fill
 from hypercacheio import Cache
 from hypercacheio.errors import StorageError
 from hypercacheio.l1 import TABLE_BYTES, TokenTable
 from hypercacheio.store import TOKENS_NAME
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (root only: mount needs it)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(path: Path, leave: int = 0) -> None:
-    """Fill the file system of ``path`` (a new file there) until ``leave`` bytes are free."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        for chunk in (65536, 1):
-            try:
-                while True:
-                    st = os.statvfs(path.parent)
-                    free = st.f_bavail * st.f_frsize - leave
-                    if free <= 0:
-                        break
-                    os.write(fd, b"\0" * min(free, chunk))
-            except OSError:
-                pass  # full to the last byte
-    finally:
-        os.close(fd)
 
 
 def run_child(code: str, *args: str, stdin: str | None = None

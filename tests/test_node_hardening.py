@@ -9,13 +9,12 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from disk_helpers import fill
 from node_helpers import PREFIX, TOKEN, Node, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -23,36 +22,6 @@ pytestmark = pytest.mark.timeout(180)
 FLOOD = 1100
 HALF_HEAD = (f"GET {PREFIX}/cache/flood HTTP/1.1\r\nHost: 127.0.0.1\r\n"
              "X-Slow: ").encode()  # no token, and the head never ends
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(path: Path) -> None:
-    """Fill the file system of ``path`` to the last byte with a new file there."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        for chunk in (65536, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
 
 
 def outside_logs(tmp_path: Path) -> dict[str, str]:

@@ -7,11 +7,12 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from disk_helpers import fill
 from hypercacheio import Cache
 from hypercacheio.codec import TAG_STR
 from hypercacheio.errors import (
@@ -23,40 +24,6 @@ from hypercacheio.errors import (
 from hypercacheio.store import DB_NAME, Store
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _mount(point: Path, size: str) -> None:
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                   check=True, capture_output=True)
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    point = tmp_path / "mnt"
-    point.mkdir()
-    try:
-        _mount(point, "4m")
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(point)], capture_output=True)
-        subprocess.run(["umount", "-l", str(point)], check=True)
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def _writes(c: Cache) -> dict[str, Callable[[], object]]:
@@ -72,13 +39,14 @@ def _writes(c: Cache) -> dict[str, Callable[[], object]]:
     }
 
 
-def test_full_disk_every_write_fails_at_once_reads_go_on_and_it_recovers(tmpfs: Path) -> None:
-    directory = tmpfs / "cache"
+def test_full_disk_every_write_fails_at_once_reads_go_on_and_it_recovers(
+        small_tmpfs: Path) -> None:
+    directory = small_tmpfs / "cache"
     c = Cache(str(directory), busy_timeout=30, l1_max_items=0)  # files exist before the fill
     for i in range(20):
         c.set(f"keep{i}", f"v{i}")
     c.set("k", "v")
-    filler = _fill(tmpfs)
+    filler = fill(small_tmpfs / "filler")
     failed: list[str] = []
     for name, write in _writes(c).items():
         for _ in range(50):  # the first writes may still fit in pages SQLite holds free
@@ -102,8 +70,8 @@ def test_full_disk_every_write_fails_at_once_reads_go_on_and_it_recovers(tmpfs: 
     assert Cache(str(directory)).get("after") == 1
 
 
-def test_read_only_mount_gives_read_only_errors(tmpfs: Path, tmp_path: Path) -> None:
-    directory = tmpfs / "cache"
+def test_read_only_mount_gives_read_only_errors(small_tmpfs: Path, tmp_path: Path) -> None:
+    directory = small_tmpfs / "cache"
     c = Cache(str(directory), l1_max_items=0)
     c.set("k", "v")
     c.close()

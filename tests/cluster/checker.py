@@ -40,6 +40,27 @@ node id break the tie) either may win. So among concurrent acknowledged sets any
 the survivor; a survivor that an acknowledged write definitely followed is a lost write
 (or, when everything after it was a delete, a resurrection).
 
+*Clock skew* (the nemesis' ``skew``: a node restarted with a test-only clock offset of up
+to ``skew`` seconds, the largest offset in the run's fault schedule, ``nemesis.max_skew``).
+What does not depend on clocks holds unchanged: stores identical, no resurrection, exact
+counters, one ``add`` winner (a majority or the one authority decides; no clock involved).
+Two rules are relaxed by exactly the bound, because under skew the version order may differ
+from real time by up to it:
+
+- last writer wins (active-active): a version is the wall clock *of the node that stamped
+  it*. A write invoked after ``w`` completed, on a node whose clock runs ``skew`` behind
+  ``w``'s node (and that has not yet observed ``w``'s version), carries the *lower* version
+  and loses, by design of LWW, not by a defect. So "followed" above means invoked more than
+  ``slack + skew`` after ``w`` completed. Primary/secondary is not relaxed: the primary
+  stamps every version from one store's clock, which never goes back (``store/clock.py``:
+  max(wall, last + 1)), so its version order is real-time order whatever its offset.
+- locks: a lease ends at ``expire_at`` *by the clock of the node that judges it*; a node
+  running ``skew`` ahead sees a lease expire ``skew`` early (the clock assumption of
+  ``replication/quorum.py``: clocks agree within a bound well below the ttl). A holder that
+  never sent its release is taken to hold until ``ttl - skew`` after its request; the
+  nemesis' ``SKEW_RANGE`` keeps the bound at most half of ``LOCK_TTL`` (checked in
+  ``Checker.__init__``), and a released lock is judged by its release as before.
+
 A *wiped* host (active-active: writes are local until streamed) loses what it had not yet
 sent: ``wiped_unknown`` turns the ``set``/``delete``/``incr`` acknowledged by that host in
 the moments before its wipe into ``unknown`` (``add`` and locks were on a majority before
@@ -164,10 +185,22 @@ def _fmt(op: Op) -> str:
 
 class Checker:
     def __init__(self, guarantees: Iterable[str], max_examples: int = 5,
-                 slack: float = 0.0) -> None:
+                 slack: float = 0.0, skew: float = 0.0) -> None:
+        if not 0 <= skew <= LOCK_TTL / 2:
+            raise ValueError(f"a clock skew of {skew} s is not well below the lock ttl "
+                             f"({LOCK_TTL} s): the lease rule would not mean anything")
         self.guarantees = frozenset(guarantees)
         self.max_examples = max_examples
-        self.slack = slack  # see the module's docstring (active-active: ``AA_SLACK``)
+        # see the module's docstring (active-active: ``AA_SLACK`` + the skew bound)
+        self.slack = slack
+        self.skew = skew  # the largest clock offset of a node in the run (nemesis ``skew``)
+
+    @classmethod
+    def for_run(cls, guarantees: Iterable[str], local_writes: bool,
+                skew: float = 0.0) -> Checker:
+        """The checker of a run: versions stamped by several clocks (``local_writes``,
+        active-active) get ``AA_SLACK`` plus the skew bound; one authority's get none."""
+        return cls(guarantees, slack=AA_SLACK + skew if local_writes else 0.0, skew=skew)
 
     def check(self, history: Sequence[Op], finals: Sequence[Final]) -> CheckResult:
         failures: list[str] = []
@@ -333,7 +366,8 @@ class Checker:
             # (a release answered False: a had lost it before, when is unknown)
             if a.end_status == FAIL:
                 continue
-            held_until = min(a.end if a.end is not None else INF, a.invoke + LOCK_TTL)
+            held_until = min(a.end if a.end is not None else INF,
+                             a.invoke + LOCK_TTL - self.skew)
             if b.complete < held_until:
                 out.append(f"lock_exclusive: two holders at once: {_fmt(a)} released at "
                            f"{a.end}; {_fmt(b)}")

@@ -238,7 +238,7 @@ class PrimarySecondaryMode:
     guarantees = ALL_GUARANTEES
     # a wiped primary loses what it acknowledged by definition: only secondaries are wiped
     faults = frozenset({"partition", "isolate", "kill", "kill_primary", "pause",
-                        "pause_primary", "slow", "drop_answers", "full_disk", "wipe"})
+                        "pause_primary", "slow", "drop_answers", "full_disk", "wipe", "skew"})
     authority: str | None = "primary"
     local_writes = False
 
@@ -309,7 +309,7 @@ class ActiveActiveMode:
     # the same value): the sum converges, the answers are not linearizable
     guarantees = ALL_GUARANTEES - {LINEAR_COUNTERS}
     faults = frozenset({"partition", "isolate", "kill", "pause", "slow", "drop_answers",
-                        "full_disk", "wipe"})
+                        "full_disk", "wipe", "skew"})
     authority: str | None = None
     local_writes = True
 

@@ -12,7 +12,12 @@ Each fault kind is a pair (do, undo) on a target (a host name, or a group for a 
 - ``full_disk``: the target's directory (a tmpfs, see ``harness.mount_tmpfs``) is filled to
   ENOSPC by a filler file; undo removes it;
 - ``wipe``: kill -9, remove its whole directory, start it empty (it must rejoin: a snapshot
-  then the oplog); there is nothing to undo.
+  then the oplog); there is nothing to undo;
+- ``skew``: a graceful stop, then a start with the test-only clock offset
+  ``HYPERCACHEIO_TEST_CLOCK_OFFSET`` (the step's ``offset`` seconds, drawn from the seed in
+  +/-``SKEW_RANGE``): the node's wall clock, so its versions, expiry and lock leases, run that
+  far off, as on a host whose clock is wrong; undo restarts it with no offset. The checker
+  relaxes the real-time order of versions by the largest offset (``max_skew``).
 
 A ``Step`` schedules one fault at ``at`` seconds from the start for ``duration`` seconds.
 ``random_schedule`` draws steps from a seeded ``random.Random``: the same seed gives the
@@ -30,11 +35,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .harness import ClusterHarness
+from .harness import ClusterHarness, HostNode
 
 SLOW_SECONDS = 0.15
+# a skew's size in seconds (either sign): well below the workload's lock ttl (LOCK_TTL, 3 s;
+# checker.py holds lock leases to ttl - skew) and far below any ttl the workload writes
+SKEW_RANGE = (0.5, 1.5)
+CLOCK_OFFSET_ENV = "HYPERCACHEIO_TEST_CLOCK_OFFSET"
 FILLER = "nemesis-filler"
 Undo = Callable[[], None]
+# relative weights of the fault kinds in ``random_schedule`` (2 when not listed): a skew
+# costs two restarts, so it is drawn at half the others' rate
+FAULT_WEIGHTS = {"skew": 1}
 
 
 @dataclass
@@ -45,6 +57,7 @@ class Event:
     target: str
     start: float
     end: float | None = None
+    offset: float = 0.0  # skew: the clock offset the node ran with (seconds)
 
 
 @dataclass
@@ -53,6 +66,12 @@ class Step:
     kind: str
     target: str | tuple[str, ...]
     duration: float
+    offset: float = 0.0  # skew only: the node's clock offset (seconds)
+
+
+def max_skew(steps: Sequence[Step]) -> float:
+    """The largest clock offset a schedule gives a node (0 without ``skew`` steps)."""
+    return max((abs(s.offset) for s in steps if s.kind == "skew"), default=0.0)
 
 
 class Nemesis:
@@ -137,12 +156,33 @@ class Nemesis:
         host.start()
         return lambda: None
 
-    def apply(self, kind: str, target: str | tuple[str, ...]) -> tuple[Event, Undo]:
+    def skew(self, name: str, offset: float) -> Undo:
+        host = self.harness.host(name)
+        self._restart(host, offset)
+        return lambda: self._restart(host, 0.0)
+
+    @staticmethod
+    def _restart(host: HostNode, offset: float) -> None:
+        """Graceful stop, then start with the clock ``offset`` (0: the environment's own)."""
+        host.resume()
+        if host.running:
+            host.node.stop(timeout=20)
+        if offset:
+            host.node.env[CLOCK_OFFSET_ENV] = repr(offset)
+        else:
+            host.node.env.pop(CLOCK_OFFSET_ENV, None)
+        host.start()
+
+    def apply(self, kind: str, target: str | tuple[str, ...],
+              offset: float = 0.0) -> tuple[Event, Undo]:
         label = target if isinstance(target, str) else "+".join(target)
-        event = Event(kind, label, self.now())
+        event = Event(kind, label, self.now(), offset=offset if kind == "skew" else 0.0)
         if kind == "partition":
             group = (target,) if isinstance(target, str) else target
             undo = self.partition(group)
+        elif kind == "skew":
+            assert isinstance(target, str)
+            undo = self.skew(target, offset)
         else:
             assert isinstance(target, str)
             fn: Callable[[str], Undo] = getattr(self, kind)
@@ -167,7 +207,7 @@ class Nemesis:
                 step = ordered[i]
                 i += 1
                 try:
-                    event, undo = self.apply(step.kind, step.target)
+                    event, undo = self.apply(step.kind, step.target, step.offset)
                     pending.append((now + step.duration, event, undo))
                 except Exception as exc:  # a fault that could not be applied is reported
                     self.errors.append(f"{step.kind} {step.target}: {exc}")
@@ -187,13 +227,16 @@ def random_schedule(rng: random.Random, hosts: Sequence[str], authority: str | N
                     faults: frozenset[str], start: float, end: float,
                     tmpfs: Sequence[str] = (), gap: tuple[float, float] = (1.0, 3.0),
                     length: tuple[float, float] = (1.0, 4.0)) -> list[Step]:
-    """Faults one after another (never two at once) between ``start`` and ``end``."""
+    """Faults one after another (never two at once) between ``start`` and ``end``; each kind
+    drawn with its ``FAULT_WEIGHTS`` weight (2 when not listed)."""
     others = [h for h in hosts if h != authority]
     kinds = sorted(faults - ({"full_disk"} if not tmpfs else set()))
+    weights = [FAULT_WEIGHTS.get(k, 2) for k in kinds]
     steps: list[Step] = []
     t = start + rng.uniform(*gap)
     while t < end:
-        kind = rng.choice(kinds)
+        kind = rng.choices(kinds, weights)[0]
+        offset = 0.0
         duration = rng.uniform(*length)
         target: str | tuple[str, ...]
         if kind == "kill_primary" and authority:
@@ -207,8 +250,12 @@ def random_schedule(rng: random.Random, hosts: Sequence[str], authority: str | N
             target = tuple(sorted(rng.sample(list(hosts), size)))
         elif kind in ("kill_primary", "pause_primary"):
             continue
+        elif kind == "skew":
+            # any host, the authority too (it stamps every version in primary/secondary)
+            target = rng.choice(list(hosts))
+            offset = round(rng.choice((-1, 1)) * rng.uniform(*SKEW_RANGE), 3)
         else:
             target = rng.choice(others or list(hosts))
-        steps.append(Step(t, kind, target, 0.0 if kind == "wipe" else duration))
+        steps.append(Step(t, kind, target, 0.0 if kind == "wipe" else duration, offset))
         t += duration + rng.uniform(*gap)
     return steps

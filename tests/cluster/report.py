@@ -26,7 +26,8 @@ def text_report(title: str, result: CheckResult, events: Sequence[Event],
     lines.append("faults:")
     for e in events:
         end = "-" if e.end is None else f"{e.end:.2f}"
-        lines.append(f"  {e.start:7.2f} .. {end:>7s}  {e.kind} {e.target}")
+        skew = f" ({e.offset:+.3f} s)" if e.offset else ""
+        lines.append(f"  {e.start:7.2f} .. {end:>7s}  {e.kind} {e.target}{skew}")
     lines.append("stale reads (measured, not failed: a host reads its own store, stale during "
                  "faults):")
     for host, s in stale_summary(result.stale).items():

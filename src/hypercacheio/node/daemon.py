@@ -14,13 +14,14 @@ import functools
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import ssl
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -131,11 +132,41 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)  # we hold the pid file: no live node of ours owns it
 
 
+# TEST ONLY (the cluster fault suite's clock skew, tests/cluster/nemesis.py): seconds added
+# to this node's wall clock, as a host whose clock is off by that much would have: expiry,
+# hybrid-logical-clock versions and lock leases all follow it. Not a configuration setting
+# (never documented as one); unset or 0 in every real deployment.
+TEST_CLOCK_OFFSET_ENV = "HYPERCACHEIO_TEST_CLOCK_OFFSET"
+
+
+def clock_for_tests(environ: Mapping[str, str] | None = None) -> Callable[[], float]:
+    """``time.time``, or ``time.time() + offset`` under ``HYPERCACHEIO_TEST_CLOCK_OFFSET``
+    (test only). Raises ConfigError for a value that is not a finite number of seconds."""
+    raw = (os.environ if environ is None else environ).get(TEST_CLOCK_OFFSET_ENV, "").strip()
+    if not raw:
+        return time.time
+    try:
+        offset = float(raw)
+    except ValueError:
+        offset = math.nan
+    if not math.isfinite(offset):
+        raise ConfigError(f"{TEST_CLOCK_OFFSET_ENV}={raw!r} is not a number of seconds; it is "
+                          "a test-only clock offset: unset it (or give e.g. 1.5 or -0.5)")
+    if offset == 0:
+        return time.time
+    log.warning("test-only clock offset in effect: this node's clock runs %+.3f s off",
+                offset, extra={"clock_offset": offset})
+
+    def skewed() -> float:
+        return time.time() + offset
+    return skewed
+
+
 def open_store(settings: Settings) -> Store:
     return Store(settings.directory, busy_timeout=settings.busy_timeout,
                  max_bytes=settings.max_bytes, max_entries=settings.max_entries,
                  cull_frequency=settings.cull_frequency, clustered=settings.clustered,
-                 allow_network_fs=settings.allow_network_fs)
+                 allow_network_fs=settings.allow_network_fs, clock=clock_for_tests())
 
 
 async def serve(settings: Settings, options: NodeOptions, token: str, *, version: str,
