@@ -156,12 +156,18 @@ def test_active_active_survives(tmp_path: Path, name: str) -> None:
 
 def test_aa_delete_of_a_key_not_yet_here_still_wins(tmp_path: Path) -> None:
     """The defect the kill-node scenario found, at the store: b deletes a key whose set on
-    a has not reached b yet; the delete is later, so it wins on both."""
-    a, b = (Store(str(tmp_path / n)) for n in "ab")
+    a has not reached b yet; the delete is later, so it wins on both.
+
+    The two stores get clocks 5 ms apart (the delete really is later): with real clocks
+    both writes could fall in one millisecond, and a tie is decided by node id.
+    """
+    now = [1_800_000_000.0]
+    a, b = (Store(str(tmp_path / n), clock=lambda: now[0]) for n in "ab")
     for s in (a, b):
         s.mark_clustered(True, multi_writer=True)
     a.set("k", TAG_STR, "v", None)
     written = a.oplog_since(0)
+    now[0] += 0.005
     assert b.delete("k") is False  # not here yet: nothing removed, still a write
     deleted = b.oplog_since(0)
     assert [r.op for r in deleted] == ["delete"]
