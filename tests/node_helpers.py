@@ -88,6 +88,9 @@ class Node:
         return f"{scheme}://127.0.0.1:{self.port}{PREFIX}"
 
     def start(self, timeout: float = 15.0) -> Node:
+        if self.proc is not None and self.proc.poll() is None:
+            # a second process would orphan the first (nothing would ever stop it)
+            raise RuntimeError(f"node on {self.directory} is already running; stop it first")
         os.makedirs(self.directory, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hypercacheio.cli", "node", "run", "--quiet"],

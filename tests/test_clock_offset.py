@@ -34,7 +34,7 @@ def _row(directory: Path, key: str) -> tuple[int, float]:
 def test_a_node_with_an_offset_stamps_versions_that_far_ahead(tmp_path: Path,
                                                              offset: float) -> None:
     directory = tmp_path / "node"
-    with Node(str(directory), extra_env={TEST_CLOCK_OFFSET_ENV: str(offset)}).start() as node:
+    with Node(str(directory), extra_env={TEST_CLOCK_OFFSET_ENV: str(offset)}) as node:
         client = node.client()
         client.set("k", "v", ttl=60)
         client.close()

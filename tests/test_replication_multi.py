@@ -229,6 +229,20 @@ def _write(rng: random.Random, store: Store, log: Log, now: float, keys: list[st
         log.run(store, lambda: store.pull(key))
 
 
+def _interleave(rng: random.Random, stores: dict[str, Store], mesh: Mesh, log: Log,
+                clock: FakeClock, keys: list[str], counters: list[str], rounds: int, *,
+                write_share: float) -> None:
+    """``rounds`` steps: a write (no clear) on a random store with probability
+    ``write_share``, else one step of the mesh's deliveries."""
+    for _ in range(rounds):
+        if rng.random() < write_share:
+            _write(rng, rng.choice(list(stores.values())), log, clock.now, keys, counters,
+                   clear=False)
+            clock.advance(0.001)
+        else:
+            mesh.step(rng)
+
+
 def _check(stores: dict[str, Store], log: Log | None = None,
            now: float | None = None) -> None:
     sums = {name: s.checksum(versions=True) for name, s in stores.items()}
@@ -503,13 +517,7 @@ def test_a_fourth_store_bootstraps_from_a_snapshot_under_writes(tmp_path: Path) 
     counters = [f"n{i}" for i in range(5)]
 
     def work(rounds: int) -> None:
-        for _ in range(rounds):
-            if rng.random() < 0.5:
-                _write(rng, rng.choice(list(stores.values())), log, clock.now, keys, counters,
-                       clear=False)
-                clock.advance(0.001)
-            else:
-                mesh.step(rng)
+        _interleave(rng, stores, mesh, log, clock, keys, counters, rounds, write_share=0.5)
 
     work(1500)
     for s in stores.values():  # a counter that only ever grows, on every node
@@ -563,13 +571,7 @@ def test_anti_entropy_repairs_a_store_restored_from_an_older_copy(tmp_path: Path
     counters = [f"n{i}" for i in range(5)]
 
     def work(rounds: int) -> None:
-        for _ in range(rounds):
-            if rng.random() < 0.6:
-                _write(rng, rng.choice(list(stores.values())), log, clock.now, keys, counters,
-                       clear=False)
-                clock.advance(0.001)
-            else:
-                mesh.step(rng)
+        _interleave(rng, stores, mesh, log, clock, keys, counters, rounds, write_share=0.6)
 
     work(1500)
     mesh.settle(rng)

@@ -145,6 +145,14 @@ class ClusterHarness:
         return [link for link in self.links.values()
                 if (link.src in group) != (link.dst in group)]
 
+    def mount(self, tmpfs: Sequence[str]) -> ClusterHarness:
+        """Give each host named in ``tmpfs`` a small tmpfs as its storage directory."""
+        for host in self.hosts:
+            if host.name in tmpfs:
+                mount_tmpfs(host.directory)
+                host.tmpfs = True
+        return self
+
     def start(self) -> ClusterHarness:
         # the hosts that are not the authority first: the authority's push finds them up
         for host in sorted(self.hosts, key=lambda h: h.name == self.authority):
@@ -268,11 +276,7 @@ class PrimarySecondaryMode:
         base.primary.env["HYPERCACHEIO_SECONDARY_URLS"] = ",".join(push_urls)
         harness = ClusterHarness(root, hosts, hub, links, authority="primary")
         try:
-            for host in hosts:
-                if host.name in tmpfs:
-                    mount_tmpfs(host.directory)
-                    host.tmpfs = True
-            harness.start()
+            harness.mount(tmpfs).start()
         except BaseException:
             harness.close()
             raise
@@ -343,11 +347,7 @@ class ActiveActiveMode:
             hosts.append(HostNode(name, node, "peer"))
         harness = ClusterHarness(root, hosts, hub, links, authority=None)
         try:
-            for host in hosts:
-                if host.name in tmpfs:
-                    mount_tmpfs(host.directory)
-                    host.tmpfs = True
-            harness.start()
+            harness.mount(tmpfs).start()
             if not wait_until(lambda: self._linked(harness), 30, 0.05):
                 raise RuntimeError("the mesh did not link within 30 s: "
                                    + repr({h.name: self._peers(h) for h in hosts}))
