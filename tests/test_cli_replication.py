@@ -1,6 +1,7 @@
-"""``hypercacheio stats`` and ``hypercacheio check`` on a primary and its secondaries: real
-nodes on 127.0.0.1 (``cluster_helpers.Cluster``), the CLI in a subprocess or ``run_check``
-in this process with the host's environment."""
+"""``hypercacheio stats`` and ``hypercacheio check`` on a primary and its secondaries, and
+``stats`` on active-active nodes: real nodes on 127.0.0.1 (``cluster_helpers.Cluster``,
+``test_replication_mesh.MeshCluster``), the CLI in a subprocess or ``run_check`` in this
+process with the host's environment."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from typing import Any
 import pytest
 
 from cluster_helpers import Cluster, replication_status
-from hypercacheio.cli.engine import PRIMARY_PEER_PREFIX
+from hypercacheio.cli.replication import MESH_PEER_PREFIX, PRIMARY_PEER_PREFIX
 from hypercacheio.config import Settings
 from hypercacheio.ops import check as chk
+from hypercacheio.store import Store
 from node_helpers import Node, cli, free_port, wait_until
+from test_replication_mesh import MeshCluster
 
 
 def stats_json(env: Mapping[str, str]) -> dict[str, Any]:
@@ -144,13 +147,122 @@ def test_stats_on_a_secondary_shows_its_position_and_primary(tmp_path: Path) -> 
 def test_stats_without_replication_adds_nothing(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERCACHEIO_")}
     env["HYPERCACHEIO_SQLITE_PATH"] = str(tmp_path)
-    assert "replication" not in stats_json(env)
+    doc = stats_json(env)
+    assert "replication" not in doc and "mesh" not in doc
 
 
 def test_the_secondary_position_prefix_is_the_nodes() -> None:
     from hypercacheio.node.replica_routes import PEER_PREFIX
 
     assert PRIMARY_PEER_PREFIX == PEER_PREFIX
+
+
+def test_the_mesh_position_prefix_is_the_meshs() -> None:
+    from hypercacheio.replication.mesh import _peer_key
+
+    assert _peer_key("127.0.0.1:7400") == MESH_PEER_PREFIX + "127.0.0.1:7400"
+
+
+# --- stats, active-active -------------------------------------------------------------------
+
+
+def address(cluster: MeshCluster, node: Node) -> str:
+    return f"127.0.0.1:{cluster.repl_ports[cluster.nodes.index(node)]}"
+
+
+def mesh_peers(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["address"]: row for row in doc["mesh"]["peers"]}
+
+
+def test_stats_on_an_active_active_node_shows_each_peer_and_the_version_vector(
+        tmp_path: Path) -> None:
+    with MeshCluster(tmp_path, 3) as cluster:
+        a, b, c = cluster.nodes
+        for i, node in enumerate(cluster.nodes):
+            client = node.client()
+            for j in range(5):
+                client.set(f"n{i}-{j}", j)
+            client.close()
+        assert cluster.wait_converged()
+        ids = {address(cluster, n): cluster.mesh(n)["node_id"] for n in cluster.nodes}
+        assert wait_until(lambda: all(p["backlog_records"] == 0
+                                      for p in mesh_peers(stats_json(a.env)).values()), 15)
+        doc = stats_json(a.env)
+        state = doc["mesh"]
+        assert "replication" not in doc  # no primary, no secondary
+        assert state["node_running"] is True and state["node_id"] == ids[address(cluster, a)]
+        assert (state["configured_nodes"], state["majority"]) == (3, 2)
+        peers = mesh_peers(doc)
+        assert set(peers) == {address(cluster, b), address(cluster, c)}
+        for addr, row in peers.items():
+            assert row["node_id"] == ids[addr]
+            assert row["connected"] is True and row["handshake"] == "authenticated"
+            assert row["acked"] == state["oplog_position"] >= 5
+            assert row["backlog_seconds"] == 0 and row["last_error"] is None
+            assert row["records_received"] >= 5 and row["lag_ms"] is not None
+            assert row["conflicts_resolved"] >= 0 and row["clock_skew_records"] == 0
+        # every node's five writes are applied here, counted per origin
+        assert all(state["version_vector"][node_id] >= 5 for node_id in ids.values())
+
+        text = cli("stats", env=a.env)
+        assert text.returncode == 0, text.stderr
+        assert f"active-active node {ids[address(cluster, a)]}" in text.stdout
+        assert "node: running" in text.stdout and "version vector" in text.stdout
+        for addr, node_id in ids.items():
+            assert node_id in text.stdout
+            if addr != address(cluster, a):
+                assert addr in text.stdout
+        assert "authenticated" in text.stdout
+        assert a.token not in text.stdout + text.stderr
+
+
+def test_stats_shows_a_stopped_peer_behind_and_what_the_store_alone_keeps(
+        tmp_path: Path) -> None:
+    with MeshCluster(tmp_path, 3) as cluster:
+        a, b, c = cluster.nodes
+        up, down = address(cluster, b), address(cluster, c)
+        # c's store is empty: back, it takes a snapshot (from a or b), after which a's
+        # backlog for c drains with no new write of a's
+        c.stop()
+        client = a.client()
+        for i in range(6):
+            client.set(f"k{i}", i)
+        client.close()
+        assert wait_until(lambda: mesh_peers(stats_json(a.env))[down]["connected"] is False
+                          and mesh_peers(stats_json(a.env))[up]["backlog_records"] == 0, 15)
+        live = mesh_peers(stats_json(a.env))
+        assert live[down]["backlog_records"] >= 6 and live[down]["handshake"] != "authenticated"
+
+        # what the store alone keeps, once b's position is persisted: stop a's node
+        store = Store(a.directory)
+        try:
+            position = store.oplog_position()
+            assert wait_until(lambda: store.peer_position(MESH_PEER_PREFIX + up).acked  # type: ignore[union-attr]
+                              >= position, 10)
+        finally:
+            store.close()
+        a.stop()
+        doc = stats_json(a.env)
+        state = doc["mesh"]
+        assert state["node_running"] is False and state["handshakes_refused"] is None
+        alone = mesh_peers(doc)
+        for row in alone.values():
+            assert row["connected"] is None and row["handshake"] is None
+            assert row["lag_ms"] is None and row["acked_persisted_at"] is not None
+        assert alone[down]["backlog_records"] >= 6 and alone[down]["backlog_seconds"] > 0
+        assert alone[up]["backlog_records"] == 0
+        assert state["version_vector"][state["node_id"]] >= 6
+        text = cli("stats", env=a.env)
+        assert text.returncode == 0, text.stderr
+        assert "node: not running" in text.stdout and "store alone" in text.stdout
+        assert down in text.stdout and "unknown" in text.stdout
+
+        # both back: the backlog drains
+        c.start()
+        a.start()
+        assert wait_until(lambda: all(
+            p["connected"] is True and p["backlog_records"] == 0
+            for p in mesh_peers(stats_json(a.env)).values()), 20)
 
 
 # --- check ----------------------------------------------------------------------------------

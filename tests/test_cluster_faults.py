@@ -13,6 +13,7 @@ namespaces and has the netem qdisc; it skips with the reason otherwise.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -21,11 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.harness import MODES, Mode, can_mount_tmpfs
-from cluster.nemesis import Step
+from cluster.harness import MODES, ClusterHarness, HostNode, Mode, can_mount_tmpfs
+from cluster.nemesis import FILL_BLOCK, Nemesis, Step
+from cluster.proxy import ProxyHub
 from cluster.run import RunOutcome, run
+from disk_helpers import fill
 from hypercacheio.codec import TAG_STR
 from hypercacheio.store import Store
+from node_helpers import Node
 
 MODE = MODES["ps"]
 AA = MODES["aa"]
@@ -140,6 +144,45 @@ def test_primary_secondary_survives_a_full_disk(tmp_path: Path, host: str) -> No
     # (whether writes fail while it lasts depends on free pages SQLite still holds: the
     # guarantee checked is what holds afterwards)
     assert [(e.kind, e.target) for e in outcome.events] == [("full_disk", host)]
+
+
+PAGE = 4096
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+# free bytes before the fault: none (already full), one page, and one page short of the
+# filler's block, which once left a page in the file's buffer that failed again at close:
+# the fault was not set up, reported as a nemesis error, and its filler never removed
+@pytest.mark.parametrize("free", [0, PAGE, FILL_BLOCK - PAGE, FILL_BLOCK + 3 * PAGE])
+def test_a_full_disk_fault_fills_whatever_is_free_and_its_undo_frees_it(
+        small_tmpfs: Path, free: int) -> None:
+    fill(small_tmpfs / "database", leave=free)
+    before = sorted(os.listdir(small_tmpfs))
+    assert _free(small_tmpfs) == free
+    host = HostNode("node-1", Node(str(small_tmpfs)), "node")
+    host.tmpfs = True
+    hub = ProxyHub()
+    try:
+        nemesis = Nemesis(ClusterHarness(str(small_tmpfs), [host], hub), 0.0)
+        _, first = nemesis.apply("full_disk", "node-1")
+        _, second = nemesis.apply("full_disk", "node-1")  # again while full: in effect too
+        assert _free(small_tmpfs) == 0
+        with pytest.raises(OSError) as full, open(small_tmpfs / "probe", "wb") as fh:
+            fh.write(b"x" * PAGE)
+        assert full.value.errno == errno.ENOSPC
+        os.unlink(small_tmpfs / "probe")
+        first()
+        assert _free(small_tmpfs) >= free  # the first filler's pages are back ...
+        second()  # ... and each undo removes only what its own fault wrote
+        assert sorted(os.listdir(small_tmpfs)) == before
+        assert _free(small_tmpfs) == free
+        assert not nemesis.errors
+    finally:
+        hub.close()
 
 
 @pytest.mark.parametrize("name", list(AA_SCENARIOS))

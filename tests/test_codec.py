@@ -19,10 +19,14 @@ from hypercacheio.codec import (
     TAG_STR,
     UndecodableValue,
     check_key,
+    check_stored_key,
     decode,
     encode,
     payload_size,
 )
+from hypercacheio.replication.frames import decode_batch, encode_batch
+from hypercacheio.replication.quorum import ADD_PREFIX
+from hypercacheio.replication.records import SET, Record
 
 
 @pytest.mark.parametrize(
@@ -90,7 +94,7 @@ def test_payload_size() -> None:
         "é" * (MAX_KEY_BYTES // 2),  # 2-byte chars: exactly 1024 bytes
         "€" * (MAX_KEY_BYTES // 3),  # 3-byte chars: 1023 bytes
         "😀" * (MAX_KEY_BYTES // 4),  # 4-byte chars: exactly 1024 bytes
-        "with space\x00and nul",
+        "with space",
     ],
 )
 def test_valid_keys(key: str) -> None:
@@ -112,12 +116,29 @@ def test_valid_keys(key: str) -> None:
         ("😀" * (MAX_KEY_BYTES // 4 + 1), "got str of 1028 bytes"),
         ("\ud800", "lone surrogate"),
         ("ok\udfffok", "lone surrogate"),
+        ("with space\x00and nul", "NUL character .* at index 10 of a str of 18"),
+        ("\x00", "NUL character .* at index 0 "),
+        ("é\x00" * 10, "NUL character .* at index 1 "),
+        (ADD_PREFIX + "k", "NUL character"),  # the quorum's internal name for add's claim
+        ("a" * (MAX_KEY_BYTES + 1) + "\x00", "got str of 1026 bytes"),  # the size first
     ],
 )
 def test_invalid_keys(key: Any, says: str) -> None:
     with pytest.raises(InvalidKeyError, match=says) as info:
         check_key(key)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("key", ["a\x00b", "\x00add:k", "é\x00"])
+def test_a_key_with_nul_from_another_store_still_travels(key: str) -> None:
+    """Replication frames check keys with ``check_stored_key``: a key stored before NUL
+    was refused replicates; the other rules hold."""
+    assert check_stored_key(key) is key
+    for bad in ("", "a" * MAX_KEY_BYTES + "\x00", "\x00\ud800", b"a\x00"):
+        with pytest.raises(InvalidKeyError):
+            check_stored_key(bad)
+    records = [Record(1, SET, key, TAG_STR, "v", None, 1 << 16, "node-a", origin_seq=1)]
+    assert decode_batch(encode_batch("node-a", records)).records[0].key == key
 
 
 def test_str_subclass_is_not_a_key() -> None:

@@ -153,6 +153,7 @@ def test_invalid_env_values(env: dict[str, str], says: str) -> None:
     "kwargs",
     [
         {"prefix": 3},
+        {"prefix": "\x00add:"},  # prefix + key is a stored key: no NUL (codec.check_key)
         {"default_ttl": True},
         {"default_ttl": float("nan")},
         {"default_ttl": object()},

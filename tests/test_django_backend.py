@@ -180,6 +180,10 @@ def test_memcached_key_warnings_and_long_keys(store_dir: str) -> None:
         assert c.get(long_key) == "long"
         assert c.get("é" * 1999 + "x") is None  # a different long key is a different entry
         assert c.incr_version(long_key) == 2
+        # NUL (which the engine keeps for internal names) works as Django's backends do
+        for nul_key in ("a\x00b", "\x00add:a"):
+            c.set(nul_key, nul_key)
+            assert c.get(nul_key) == nul_key and c.get(nul_key + "\x00") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         c.set("plain:key-1", 1)  # a portable key warns nothing

@@ -165,6 +165,12 @@ def test_the_cachelib_contract(store_dir: str) -> None:
     with backend.lock("job", 5) as lock:
         assert lock.locked()
         assert backend.lock("job", 5).acquire(blocking=False) is False
+    # NUL, which the engine keeps for internal names, works as in any cachelib backend
+    for nul_key in ("a\x00b", "\x00add:a"):
+        backend.set(nul_key, nul_key)
+        assert backend.get(nul_key) == nul_key and backend.get(nul_key + "\x00") is None
+        with backend.lock(nul_key, 5) as lock:
+            assert lock.locked()
     assert backend.clear() is True
     assert backend.get(long_key) is None
 

@@ -133,6 +133,28 @@ def test_key_length_limit(node: Node) -> None:
     assert status == 404
 
 
+# NUL is reserved for internal names (the quorum's add lease is "\x00add:" + key): every key
+# and lock route refuses it with 400 and changes nothing (batch routes: test_node_batch)
+NUL_KEY_ROUTES = [("GET", "/cache/{}"), ("POST", "/cache/{}"), ("DELETE", "/cache/{}"),
+                  ("POST", "/add/{}"), ("POST", "/touch/{}?ttl=5"), ("POST", "/incr/{}"),
+                  ("GET", "/lock/{}"), ("POST", "/lock/{}"), ("POST", "/lock/{}?extend=true"),
+                  ("DELETE", "/lock/{}?force=true"), ("DELETE", "/lock/{}?owner=o"),
+                  ("GET", "/ttl/{}"), ("POST", "/pull/{}")]
+
+
+@pytest.mark.parametrize("method,route", NUL_KEY_ROUTES)
+@pytest.mark.parametrize("name", ["%00add%3Akept", "k%00", "%00"])
+def test_a_key_or_lock_name_with_nul_is_400_on_every_route(node: Node, method: str,
+                                                            route: str, name: str) -> None:
+    node.json("POST", "/cache/kept", b"v")
+    node.json("POST", "/lock/held?owner=me&ttl=60")
+    before = snapshot(node.directory)
+    status, doc = node.json(method, route.format(name), b"1")
+    assert status == 400 and doc["code"] == "invalid_key", doc
+    assert "NUL" in doc["error"]
+    assert snapshot(node.directory) == before
+
+
 def test_flush(tmp_path: Path) -> None:
     with Node(str(tmp_path / "flush")) as n:
         for i in range(5):

@@ -168,6 +168,22 @@ def test_bad_key_lists_are_refused(node: Node, rc: RemoteCache, path: str) -> No
         assert rc.get("x") == "before"
 
 
+@pytest.mark.parametrize("path,doc", [
+    ("/many/get", {"keys": ["x", "\x00add:x"]}),
+    ("/many/delete", {"keys": ["x", "a\x00"]}),
+    ("/many/set", {"items": [item("new", 1), item("\x00add:new", 1)]}),
+])
+def test_a_batch_with_a_nul_key_is_400_and_changes_nothing(node: Node, rc: RemoteCache,
+                                                           path: str, doc: Any) -> None:
+    """NUL is reserved for internal names (the quorum's add lease, ``"\\x00add:" + key``)."""
+    rc.set("x", "before")
+    before = _snapshot(node)
+    got, data = post(node, path, doc)
+    assert got == 400 and json.loads(data)["code"] == "invalid_key", data
+    assert b"NUL" in data
+    assert _snapshot(node) == before and rc.get("new") is None
+
+
 def test_a_body_announced_over_the_limit_is_413_before_it_is_read(node: Node) -> None:
     status, _, data = node.request("POST", "/many/set", b"", {
         **MSGPACK, "Content-Length": str(MAX_VALUE + 64 * 1024 + 1)}, timeout=5)

@@ -134,6 +134,14 @@ def test_invalid_input_raises_locally(rc: RemoteCache) -> None:
         rc.set("k" * 1025, 1)
     with pytest.raises(InvalidValueError):
         rc.set("k", lambda: 1)
+    # NUL is reserved for internal names (the quorum's add lease is "\x00add:" + key)
+    for call in (lambda: rc.get("a\x00"), lambda: rc.set("\x00add:k", 1),
+                 lambda: rc.add("\x00add:k", 1), lambda: rc.lock("\x00add:k"),
+                 lambda: rc.get_many(["k", "\x00"]), lambda: rc.set_many({"\x00k": 1}),
+                 lambda: rc.delete_many(["\x00"]), lambda: rc.incr("\x00")):
+        with pytest.raises(InvalidKeyError, match="NUL"):
+            call()
+    assert rc.get("k") is None
 
 
 def test_too_large_value_is_rejected(rc: RemoteCache) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,15 +208,34 @@ def test_locks_exclude_across_nodes_and_fail_without_a_majority(cluster: MeshClu
     status, doc = c.json("POST", "/lock/other?owner=delta&ttl=30")
     assert status == 503 and doc["code"] == "quorum_unavailable", doc
     assert time.monotonic() - began < 5
-    status, doc = c.json("GET", "/lock/other")
-    assert doc["locked"] is False
+    status, doc = c.json("GET", "/lock/other")  # who holds it is a majority's answer too
+    assert status == 503 and doc["code"] == "quorum_unavailable", doc
     status, doc = c.json("POST", "/add/newkey", b"1")
     assert status == 503, doc
-    assert c.metric("quorum_unavailable_total") == 2
+    assert c.metric("quorum_unavailable_total") == 3  # the lock, its status, the add
     assert c.metric("quorum_granted_total") == 1  # gamma's lock
     status, ping = c.json("GET", "/ping")
     peers = ping["mesh"]["peers"]
     assert [p["connected"] for p in peers] == [False, False]
+
+
+def test_lock_status_is_what_a_majority_holds(cluster: MeshCluster) -> None:
+    a, b, c = cluster.nodes
+    c.stop()  # c grants nothing: its own lease table never hears of the lock
+    status, taken = a.json("POST", "/lock/job?owner=alpha&ttl=30")
+    assert status == 200 and taken["acquired"] is True, taken
+    c.start()
+    assert cluster.wait_linked(cluster.nodes)
+    status, doc = c.json("GET", "/lock/job?owner=alpha")
+    assert status == 200, doc
+    assert doc["locked"] is True and doc["owned"] is True, doc
+    assert doc["fence"] == taken["fence"]
+    assert doc["expires_at"] == pytest.approx(taken["expires_at"], abs=0.01)
+    status, doc = c.json("GET", "/lock/job?owner=beta")
+    assert doc["locked"] is True and doc["owned"] is False, doc
+    a.json("DELETE", "/lock/job?owner=alpha")
+    status, doc = c.json("GET", "/lock/job")
+    assert status == 200 and doc["locked"] is False, doc
 
 
 # ---- failures and joins ---------------------------------------------------------------------
@@ -455,3 +475,45 @@ def test_reordered_duplicated_or_replayed_batches_change_nothing(tmp_path: Path)
         mesh.stop()
         a.close()
         b.close()
+
+
+def test_lock_without_ttl_is_provisional_until_fenced(tmp_path: Path) -> None:
+    """A grantor's view of a proposer that dies between the grant and the fence step: the
+    lease of a lock without ttl ends after CLAIM_SECONDS instead of never; fenced, it is
+    permanent; an owner already holding it without end keeps it so."""
+    from hypercacheio.replication.quorum import CLAIM_SECONDS, Quorum
+
+    store = Store(str(tmp_path / "grantor"))
+    grantor = Quorum(types.SimpleNamespace(store=store, size=3))  # type: ignore[arg-type]
+    try:
+        now = store.clock()
+        answer = grantor.handle({"k": "grant", "name": "job", "owner": "o1", "exp": None,
+                                 "prov": now + CLAIM_SECONDS})
+        assert answer["ok"] is True
+        info = store.lock_info("job")
+        assert info is not None and info[1] == pytest.approx(now + CLAIM_SECONDS, abs=0.5)
+        assert grantor.handle({"k": "fence", "name": "job", "owner": "o1", "fence": 7,
+                               "final": True, "exp": None})["ok"] is True
+        assert store.lock_info("job") == ("o1", None, 7)
+        # the same owner asking again (its proposer may die too): still held without end
+        assert grantor.handle({"k": "grant", "name": "job", "owner": "o1", "exp": None,
+                               "prov": store.clock() + CLAIM_SECONDS})["ok"] is True
+        held = store.lock_info("job")
+        assert held is not None and held[1] is None
+        assert grantor.handle({"k": "grant", "name": "job", "owner": "o2", "exp": None,
+                               "prov": store.clock() + CLAIM_SECONDS})["ok"] is False
+    finally:
+        store.close()
+
+
+def test_lock_without_ttl_is_permanent_on_every_granting_node(cluster: MeshCluster) -> None:
+    a = cluster.nodes[0]
+    status, taken = a.json("POST", "/lock/forever?owner=alpha")
+    assert status == 200 and taken["acquired"] is True, taken
+    for node in cluster.nodes:
+        store = Store(node.directory)
+        try:
+            assert store.lock_info("forever") == ("alpha", None, taken["fence"])
+        finally:
+            store.close()
+    a.json("DELETE", "/lock/forever?owner=alpha")

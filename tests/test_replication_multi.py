@@ -306,6 +306,38 @@ def test_counters_converge_to_the_exact_sum(tmp_path: Path) -> None:
     _check(stores)
 
 
+def test_concurrent_increments_past_64_bits_are_held_at_the_bound(tmp_path: Path) -> None:
+    """Each node's increment is in range alone; together they leave it. The records still
+    apply (a refused record would stop the stream for good) and every node holds the bound."""
+    clock = FakeClock()
+    stores = _stores(tmp_path, "ab", clock)
+    a, b = stores["a"], stores["b"]
+    top = 2**63 - 1
+    a.incr("big", top - 10, None)  # a base of value 0 (new key) on both
+    b.apply(a.oplog_since(0))
+    clock.advance(0.001)
+    a.incr("big", 8, None)
+    b.incr("big", 9, None)  # concurrently: top - 10 + 8 + 9 > top
+    from_a, from_b = a.oplog_since(1), b.oplog_since(0)
+    a.apply(from_b)
+    b.apply(from_a)
+    assert a.get("big") == b.get("big") == (TAG_INT, top, None)
+    # a live integer base (a set), then increments from both that overflow together
+    clock.advance(0.001)
+    a.set("big2", TAG_INT, top - 5, None)
+    b.apply(a.oplog_since(0))
+    clock.advance(0.001)
+    a.incr("big2", 4, None)
+    b.incr("big2", 3, None)
+    a.apply(b.oplog_since(0))
+    b.apply(a.oplog_since(0))
+    assert a.get("big2") == b.get("big2") == (TAG_INT, top, None)
+    # below the bound again: still exact from there on
+    a.incr("big2", -top, None)
+    b.apply(a.oplog_since(0))
+    assert a.get("big2") == b.get("big2") == (TAG_INT, 0, None)
+
+
 def test_a_set_starts_a_new_base_on_every_node(tmp_path: Path) -> None:
     """The documented rule: a set with version V discards increments made on an older base,
     wherever they arrive first; increments on the new base add up."""

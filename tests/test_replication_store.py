@@ -437,7 +437,7 @@ def test_a_version_1_database_is_upgraded(tmp_path: Path, clock: FakeClock) -> N
     conn.executescript(V1_SCHEMA)
     conn.close()
     s = Store(str(directory), clustered=True, clock=clock)
-    assert s.node_meta("schema_version") == SCHEMA_VERSION == 2
+    assert s.node_meta("schema_version") == SCHEMA_VERSION == 3
     assert s.node_id == "v1node" and s.get("old") == (TAG_STR, "kept", None)
     assert s.oplog_since(0, 5)[0].delta is None  # the old row, a new column
     s.incr("n", 2, None)

@@ -87,7 +87,11 @@ def payload_size(payload: Payload) -> int:
 
 
 def check_key(key: Any) -> str:
-    """Return the key if valid, else raise InvalidKeyError saying what is wrong."""
+    """Return the key if valid, else raise InvalidKeyError saying what is wrong. The rule
+    for keys and lock names alike: a non-empty str of at most ``MAX_KEY_BYTES`` UTF-8
+    bytes without NUL. NUL is kept out so that internal names (the cluster-wide add's
+    lease ``"\\x00add:" + key``, ``replication.quorum.ADD_PREFIX``) can never be spelled
+    by a caller; SQLite's text functions and many tools cut text at NUL anyway."""
     if type(key) is not str:
         raise InvalidKeyError(
             f"key must be a non-empty str of at most {MAX_KEY_BYTES} UTF-8 bytes, "
@@ -101,7 +105,25 @@ def check_key(key: Any) -> str:
                 f"key must be a non-empty str of at most {MAX_KEY_BYTES} UTF-8 bytes, "
                 f"got str of {size} bytes"
             )
+    if "\0" in key:
+        raise InvalidKeyError(
+            f"key must be a str without the NUL character (\\x00, reserved for internal "
+            f"names), got one at index {key.index(chr(0))} of a str of {n} characters"
+        )
     return key
+
+
+def check_stored_key(key: Any) -> str:
+    """``check_key`` for keys that come from another store (replication frames): NUL is
+    let through, so that a key stored before NUL was refused still replicates; every
+    other rule holds."""
+    try:
+        return check_key(key)
+    except InvalidKeyError:
+        if type(key) is not str or "\0" not in key:
+            raise
+        check_key(key.replace("\0", " "))  # same length in UTF-8: the other rules
+        return key
 
 
 def _utf8_len(key: str) -> int:

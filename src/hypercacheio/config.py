@@ -196,6 +196,9 @@ class Settings:
         put(self, "directory", str(Path(os.path.expanduser(str(self.directory)))))
         if not isinstance(self.prefix, str):
             raise ConfigError(f"prefix must be a str, got {type(self.prefix).__name__}")
+        if "\0" in self.prefix:  # prefix + key is the stored key: codec.check_key's rule
+            raise ConfigError("prefix (HYPERCACHEIO_PREFIX) must not contain the NUL "
+                              "character (\\x00; reserved for internal names)")
         ttl = parse_ttl("default_ttl", self.default_ttl)
         if ttl is not None and ttl <= 0:
             raise ConfigError(f"default_ttl must be > 0 seconds or None, got {ttl}")

@@ -8,7 +8,8 @@ class HypercacheioError(Exception):
 
 
 class InvalidKeyError(HypercacheioError, ValueError):
-    """A key is not a non-empty ``str`` of at most 1,024 UTF-8 bytes."""
+    """A key or lock name is not a non-empty ``str`` of at most 1,024 UTF-8 bytes without
+    NUL."""
 
 
 class InvalidValueError(HypercacheioError, TypeError):

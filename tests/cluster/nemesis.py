@@ -10,7 +10,8 @@ Each fault kind is a pair (do, undo) on a target (a host name, or a group for a 
 - ``drop_answers``: the target's outgoing links deliver requests but lose the answers
   (unknown outcomes for the clients: the write may have happened);
 - ``full_disk``: the target's directory (a tmpfs, see ``harness.mount_tmpfs``) is filled to
-  ENOSPC by a filler file; undo removes it;
+  ENOSPC by a filler file of its own (``fill_to_enospc``; a tmpfs that is already full is
+  taken as the fault in effect); undo removes that file;
 - ``wipe``: kill -9, remove its whole directory, start it empty (it must rejoin: a snapshot
   then the oplog); there is nothing to undo;
 - ``skew``: a graceful stop, then a start with the test-only clock offset
@@ -43,6 +44,7 @@ SLOW_SECONDS = 0.15
 SKEW_RANGE = (0.5, 1.5)
 CLOCK_OFFSET_ENV = "HYPERCACHEIO_TEST_CLOCK_OFFSET"
 FILLER = "nemesis-filler"
+FILL_BLOCK = 256 << 10
 Undo = Callable[[], None]
 # relative weights of the fault kinds in ``random_schedule`` (2 when not listed): a skew
 # costs two restarts, so it is drawn at half the others' rate
@@ -74,12 +76,40 @@ def max_skew(steps: Sequence[Step]) -> float:
     return max((abs(s.offset) for s in steps if s.kind == "skew"), default=0.0)
 
 
+def fill_to_enospc(path: str) -> None:
+    """Write zeros to a new file at ``path`` until its file system is full. ENOSPC at any
+    point, the first write or the creation included, means full: the fault is in effect
+    (a file system that was already full is full). Unbuffered writes, so no buffered rest
+    is left to fail at close; on any other error the partial file is removed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            return  # not even an inode left: full already, nothing written to undo
+        raise
+    block = b"\0" * FILL_BLOCK
+    try:
+        try:
+            while True:  # a write short of the block is followed by one that fails
+                os.write(fd, block)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
 class Nemesis:
     def __init__(self, harness: ClusterHarness, t0: float) -> None:
         self.harness = harness
         self.t0 = t0
         self.events: list[Event] = []
         self.errors: list[str] = []
+        self._fillers = 0  # full_disk: each fault its own filler, removed by its own undo
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -134,16 +164,9 @@ class Nemesis:
         if not host.tmpfs:
             raise RuntimeError(f"{name}'s directory is not a tmpfs: build the cluster with "
                                f"tmpfs=[{name!r}] to fill its disk")
-        path = os.path.join(host.directory, FILLER)
-        block = b"\0" * (256 << 10)
-        with open(path, "wb") as fh:
-            try:
-                while True:
-                    fh.write(block)
-                    fh.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
+        self._fillers += 1
+        path = os.path.join(host.directory, f"{FILLER}-{self._fillers}")
+        fill_to_enospc(path)
 
         def undo() -> None:
             with contextlib.suppress(FileNotFoundError):

@@ -13,12 +13,20 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from ..auth import TOKEN_VAR, client_token, token_display
+from ..auth import TOKEN_VAR, token_display
 from ..cache import Cache
 from ..config import Settings
 from ..errors import HypercacheioError
-from ..store import DB_NAME, Store
+from ..store import DB_NAME
 from .common import directory_option, err, load_settings, out, show_storage
+from .replication import (
+    is_mesh,
+    mesh_state,
+    print_mesh,
+    print_replication,
+    replication_state,
+    running_node,
+)
 
 _MISSING = object()
 
@@ -76,118 +84,24 @@ def install(directory: str | None, write_env: str | None) -> None:
                       f"{TOKEN_VAR}=... yourself if the node needs a fixed one)")
 
 
-PRIMARY_PEER_PREFIX = "primary:"
-"""How a secondary's store names the position it holds per primary (``primary:`` + the
-primary's node id; ``node.replica_routes.PEER_PREFIX``, not imported: it needs aiohttp)."""
-
-
-def _backlog_seconds(store: Store, acked: int) -> float:
-    """Age of the oldest oplog row after ``acked`` (0 when there is none), as the node's
-    push computes it."""
-    oldest = store.oplog_since(acked, 1)
-    if not oldest:
-        return 0.0
-    return round(max(0.0, store.clock() - (oldest[0].hlc >> 16) / 1000), 3)
-
-
-def _running_node(settings: Settings) -> tuple[str | None, dict[str, Any] | None, str]:
-    """(url, /ping answer, what to say) of the node running for this storage directory,
-    found by its pid file as the other verbs find it; (None, None, why) when none answers."""
-    try:
-        from ..node.options import NodeOptions
-        from ..node.supervise import find_local_node, ping
-    except ImportError:
-        return None, None, "not running (the server extra is not installed)"
-    try:
-        found = find_local_node(settings, NodeOptions.from_env())
-    except HypercacheioError as exc:
-        return None, None, f"unknown ({exc})"
-    if found is None:
-        return None, None, "not running"
-    try:
-        doc = ping(found.url, client_token(settings)[0], timeout=settings.timeout)
-    except Exception as exc:  # refused token, not answering: say so, show the store's view
-        return found.url, None, f"running (pid {found.pid}) but its /ping failed: {exc}"
-    return found.url, doc, f"running (pid {found.pid}) on {found.url}"
-
-
-def replication_state(settings: Settings, store: Store) -> dict[str, Any] | None:
-    """What ``stats`` shows of replication: on a primary, per secondary (from the running
-    node's ``/ping`` when it answers, else from the store alone); on a secondary, the
-    position held per primary. None when this host does not replicate."""
-    if settings.role == "secondary":
-        sources = [{"source": pos.peer[len(PRIMARY_PEER_PREFIX):], "position": pos.acked,
-                    "updated_at": pos.updated_at}
-                   for pos in store.peer_positions() if pos.peer.startswith(PRIMARY_PEER_PREFIX)]
-        return {"role": "secondary", "primary_url": settings.primary_url, "sources": sources}
-    if not settings.secondary_urls:
-        return None
-    position = store.oplog_position()
-    acked = {pos.peer: pos.acked for pos in store.peer_positions()
-             if pos.source == store.node_id}
-    url, doc, node_state = _running_node(settings)
-    live = {row.get("url"): row
-            for row in ((doc or {}).get("replication") or {}).get("secondaries", [])}
-    rows = []
-    for configured in settings.secondary_urls:
-        name = configured.rstrip("/")
-        row = live.get(name)
-        if row is not None:
-            rows.append({"url": name, "connected": bool(row.get("connected")),
-                         "acked": row.get("acked", 0),
-                         "backlog_rows": row.get("backlog_rows", 0),
-                         "backlog_seconds": row.get("backlog_seconds", 0.0),
-                         "last_error": row.get("last_error")})
-            continue
-        mine = acked.get(name, 0)
-        rows.append({"url": name, "connected": None, "acked": mine,
-                     "backlog_rows": max(0, position - mine),
-                     "backlog_seconds": _backlog_seconds(store, mine), "last_error": None})
-    return {"role": "primary", "node": node_state, "node_running": doc is not None,
-            "node_url": url, "oplog_position": position, "secondaries": rows}
-
-
-def _print_replication(state: dict[str, Any]) -> None:
-    console = out()
-    if state["role"] == "secondary":
-        console.print(f"secondary of {escape(state['primary_url'])}")
-        table = Table(title="replication: positions received")
-        table.add_column("primary (node id)")
-        table.add_column("position", justify="right")
-        for row in state["sources"]:
-            table.add_row(escape(row["source"]), str(row["position"]))
-        if not state["sources"]:
-            table.add_row("(none yet)", "0")
-        console.print(table)
-        return
-    console.print(f"node: {escape(state['node'])}"
-                  + ("" if state["node_running"] else
-                     "; the figures below are what the store alone knows"))
-    table = Table(title=f"replication: oplog position {state['oplog_position']}")
-    for name, justify in (("secondary", "left"), ("connected", "left"),
-                          ("acked", "right"), ("backlog rows", "right"),
-                          ("backlog s", "right"), ("last error", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in state["secondaries"]:
-        connected = {True: "yes", False: "[red]no[/red]", None: "unknown"}[row["connected"]]
-        table.add_row(escape(row["url"]), connected, str(row["acked"]),
-                      str(row["backlog_rows"]), f"{row['backlog_seconds']:g}",
-                      escape(row["last_error"] or ""))
-    console.print(table)
-
-
 @click.command()
 @directory_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(directory: str | None, as_json: bool) -> None:
     """Entries, locks, bytes on disk and WAL size of the store; and replication: per
-    secondary on a primary, the position held on a secondary."""
+    secondary on a primary, the position held on a secondary, per peer in active-active."""
     with open_cache(directory) as cache:
         figures = cache.store.stats()
-        replication = replication_state(cache.settings, cache.store)
+        settings = cache.settings
+        wanted = bool(settings.secondary_urls) or is_mesh(settings)
+        node = running_node(settings) if wanted else None  # one /ping for both
+        replication = replication_state(settings, cache.store, node)
+        mesh = mesh_state(settings, cache.store, node)
     if as_json:
         if replication is not None:
             figures = {**figures, "replication": replication}
+        if mesh is not None:
+            figures = {**figures, "mesh": mesh}
         click.echo(json.dumps(figures, indent=2))
         return
     table = Table(title="hypercacheio store")
@@ -197,7 +111,9 @@ def stats(directory: str | None, as_json: bool) -> None:
         table.add_row(name, escape(str(value)))
     out().print(table)
     if replication is not None:
-        _print_replication(replication)
+        print_replication(replication)
+    if mesh is not None:
+        print_mesh(mesh)
 
 
 def _text(value: Any) -> str:

@@ -132,6 +132,8 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)  # we hold the pid file: no live node of ours owns it
 
 
+SWITCH_INTERVAL_SECONDS = 0.001  # the GIL hand-over bound in a node (see serve)
+
 # TEST ONLY (the cluster fault suite's clock skew, tests/cluster/nemesis.py): seconds added
 # to this node's wall clock, as a host whose clock is off by that much would have: expiry,
 # hybrid-logical-clock versions and lock leases all follow it. Not a configuration setting
@@ -220,6 +222,10 @@ async def serve(settings: Settings, options: NodeOptions, token: str, *, version
         # collector's full passes, which would otherwise walk it (a tail-latency cost).
         gc.collect()
         gc.freeze()
+        # The API's loop, the mesh's loop and their worker threads share one GIL: a thread
+        # woken by a frame or a request waits up to this long for a busy one to yield it
+        # (Python's default, 5 ms, is a whole lag budget of the mesh).
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         log.info("node listening", extra={"listen": state.listen, "node_id": store.node_id,
                                           "directory": settings.directory,
                                           "version": version})

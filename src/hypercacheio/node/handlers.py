@@ -364,7 +364,14 @@ async def release_lock(request: web.Request, state: NodeState) -> web.StreamResp
 async def lock_status(request: web.Request, state: NodeState) -> web.StreamResponse:
     name = key_of(request)
     owner = owner_of(request)
-    info = await store_call(state, state.store.lock_info, name)
+    mesh = state.mesh
+    if mesh is not None and mesh.quorum is not None:  # active-active: what a majority holds
+        try:
+            info = await mesh.run(mesh.quorum.info(name))
+        except QuorumUnavailable as exc:
+            return error(503, "quorum_unavailable", str(exc))
+    else:
+        info = await store_call(state, state.store.lock_info, name)
     if info is None:
         return ok({"locked": False, "owned": False, "fence": None, "expires_at": None})
     held_by, expire_at, fence = info

@@ -38,7 +38,7 @@ from ..codec import (
     TAG_PICKLE,
     TAG_STR,
     TAG_TOMBSTONE,
-    check_key,
+    check_stored_key,
 )
 from ..errors import InvalidKeyError, MalformedFrame
 from .records import (
@@ -135,8 +135,9 @@ def _node(value: Any, what: str, empty: bool = False) -> str:
 
 
 def _key(value: Any, what: str) -> str:
+    """A key as stored: a key with NUL, written before NUL was refused, still travels."""
     try:
-        return check_key(value)
+        return check_stored_key(value)
     except InvalidKeyError as exc:
         _bad(f"{what}: {exc}")
 

@@ -15,9 +15,11 @@ another process's SQLite lock never stalls the HTTP API, and the other way round
   oplog position the peer last acknowledged (persisted with ``Store.peer_ack`` as
   ``mesh:<address>``, registered at start before any link, which holds back the oplog and
   tombstones the peer has not seen, even one that has never connected yet). The sender is
-  woken by the store's clock word (``Store.last_hlc``, one word of a shared mmap that every write
-  changes): polled every millisecond, then polled on for a few milliseconds after each change
-  (a write is stamped before it commits).
+  woken by the count of local versions in the store's clock file (``Store.local_stamps``,
+  one word of a shared mmap that every local write bumps and a record applied from a peer
+  does not, so a node that only receives does not look for writes to ship): polled every
+  millisecond, then polled on for a few milliseconds after each change (a write is stamped
+  before it commits).
 - **Catching up**: a node that starts with an empty store takes a snapshot from the first
   peer it reaches; a sender that finds the records a peer lacks already trimmed from its
   oplog tells the peer to resync, and the peer takes a snapshot from it. A snapshot carries
@@ -34,7 +36,7 @@ Membership is static: every node lists every other one. A node is added by start
 (empty: it bootstraps) with the full list and adding its address to the others'.
 
 What the mesh shows (``/ping``, ``/metrics``) is in ``observe.py``. The rest stays one module
-of about 600 lines because shipping, bootstrap, inbound frames and anti-entropy share one
+of about 700 lines because shipping, bootstrap, inbound frames and anti-entropy share one
 event loop, one ``PeerState`` per peer and the acknowledged positions, which a split would
 pass back and forth between modules.
 """
@@ -49,7 +51,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import Settings, parse_host_port
@@ -71,13 +73,26 @@ log = logging.getLogger("hypercacheio.replication.mesh")
 
 T = TypeVar("T")
 
-POLL_SECONDS = 0.001  # the clock word is read this often while idle
+POLL_SECONDS = 0.001  # the count of local versions is read this often while idle
 GRACE_SECONDS = 0.005  # after a change, the oplog is read again for this long
 BATCH_RECORDS = 2000
+GATHER_BELOW = 50  # a batch smaller than this: wait a poll before the next (fewer, fuller)
 SNAPSHOT_ROWS = 2000
+CHECKPOINT_SECONDS = 0.05  # applies are checkpointed this often, off the loop
 ACK_PERSIST_SECONDS = 0.05  # an acknowledged position is written at most this often
 RESYNC_WAIT_SECONDS = 60.0  # a peer asked to resync is given this long to take its snapshot
-AE_BUCKETS_PER_REQUEST = 4  # anti-entropy: buckets whose rows one answer carries
+AE_PULL_SECONDS = 300.0  # anti-entropy: the rows of the differing buckets arrive within this
+
+
+def _next_encoded(chunks: Iterator[SnapshotChunk]) -> bytes | None:
+    chunk = next(chunks, None)
+    return None if chunk is None else encode_snapshot_chunk(chunk)
+
+
+def _close(chunks: Iterator[SnapshotChunk]) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
 
 
 def _peer_key(address: str) -> str:
@@ -102,7 +117,6 @@ class PeerState:
     handshake: str = "connecting"
     acked: int = 0  # our oplog position it acknowledged
     sent: int = 0  # our oplog position shipped to it
-    acked_persisted: float = 0.0
     acked_written: int = 0  # the position last persisted
     records_sent: int = 0
     batches_sent: int = 0
@@ -145,6 +159,9 @@ class Mesh:
         self.quorum: Quorum | None = None
         self.applied_total = 0
         self.conflicts_total = 0
+        self._batches: dict[tuple[int, int], tuple[int, list[Record], bytes]] = {}
+        self.anti_entropy_passes = 0  # passes finished (with every connected peer)
+        self.anti_entropy_running = 0  # passes under way
         self.bootstrapped = False
         self.last_snapshot: tuple[int, float] | None = None  # (rows, seconds) taken here
         self._thread: threading.Thread | None = None
@@ -206,7 +223,11 @@ class Mesh:
         return await asyncio.wrap_future(self.submit(coro))
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        try:  # uvloop when installed, as the HTTP API's loop: less per wake-up
+            import uvloop
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        except ImportError:
+            loop = asyncio.new_event_loop()
         self.loop = loop
         try:
             loop.run_until_complete(self._main())
@@ -239,6 +260,7 @@ class Mesh:
             peer.link.start()
         self._spawn(self._watch_clock())
         self._spawn(self._flush_acks())
+        self._spawn(self._checkpoints())
         if self.anti_entropy_interval > 0:
             self._spawn(self._anti_entropy_loop())
         self._ready.set()
@@ -256,7 +278,7 @@ class Mesh:
             await self.server.close()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            self._persist_acks(force=True)
+            self._persist_acks()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -272,12 +294,12 @@ class Mesh:
     # ---- waking on writes ---------------------------------------------------------------
 
     async def _watch_clock(self) -> None:
-        """Count a generation whenever the store's clock word moves (any process's write)
+        """Count a generation whenever a local write takes a version (any process's)
         and wake whoever waits for it."""
-        last = self.store.last_hlc()
+        last = self.store.local_stamps()
         while True:
             await asyncio.sleep(POLL_SECONDS)
-            now = self.store.last_hlc()
+            now = self.store.local_stamps()
             if now != last:
                 last = now
                 self._generation += 1
@@ -317,30 +339,49 @@ class Mesh:
         def on_ack(seq: int, pos: Any) -> None:
             if isinstance(pos, int) and pos > peer.acked:
                 peer.acked = pos
-            self._persist_acks()
         return on_ack
 
+    async def _checkpoints(self) -> None:
+        """Copy the WAL back into the database on a worker thread, not in the COMMIT of an
+        apply: SQLite checkpoints in the commit that takes the WAL past
+        ``wal_autocheckpoint`` pages (1,000), which held this loop for up to 10-17 ms at
+        10,000 records/s. The loop's own connection no longer checkpoints; this task runs a
+        PASSIVE checkpoint (it waits for no reader or writer) after every
+        ``CHECKPOINT_SECONDS`` in which records were applied."""
+        self.store.defer_checkpoints()  # this thread's: the one applies use
+        applied = self.applied_total
+        while True:
+            await asyncio.sleep(CHECKPOINT_SECONDS)
+            if self.applied_total == applied:
+                continue
+            applied = self.applied_total
+            try:
+                await asyncio.to_thread(self.store.checkpoint, "PASSIVE")
+            except Exception as exc:  # the next round tries again
+                log.warning("replication: WAL checkpoint failed: %s", exc)
+
     async def _flush_acks(self) -> None:
-        """Persist the acknowledged positions the throttle of ``on_ack`` left unwritten."""
+        """Persist the acknowledged positions every ``ACK_PERSIST_SECONDS``, on a worker
+        thread: the write waits for SQLite's write lock, which a busy writer of the host
+        holds often, and SQLite's busy handler sleeps (1, 2, 5, 10 ms ...) while it waits;
+        on the mesh's loop that sleep stalled every sender (p99 lag 15-35 ms at 10,000
+        writes/s). A position persisted late only means records sent again after a
+        restart, which the version vector makes no-ops."""
         while True:
             await asyncio.sleep(ACK_PERSIST_SECONDS)
-            self._persist_acks()
+            await asyncio.to_thread(self._persist_acks)
 
-    def _persist_acks(self, force: bool = False) -> None:
-        now = time.monotonic()
+    def _persist_acks(self) -> None:
         for peer in self.peers:
-            if peer.peer_id is None or peer.acked <= 0:
+            acked = peer.acked  # read once: the loop may raise it meanwhile
+            if peer.peer_id is None or acked <= 0 or acked <= peer.acked_written:
                 continue
-            if peer.acked <= peer.acked_written:
-                continue
-            if force or now - peer.acked_persisted >= ACK_PERSIST_SECONDS:
-                try:
-                    self.store.peer_ack(_peer_key(peer.address), peer.acked)
-                    peer.acked_written = peer.acked
-                    peer.acked_persisted = now
-                except Exception as exc:  # the next ack tries again
-                    log.warning("replication: cannot record %s's position: %s",
-                                peer.peer_id, exc)
+            try:
+                self.store.peer_ack(_peer_key(peer.address), acked)
+                peer.acked_written = acked
+            except Exception as exc:  # the next pass tries again
+                log.warning("replication: cannot record %s's position: %s",
+                            peer.peer_id, exc)
 
     async def request(self, peer: PeerState, req: dict[str, Any],
                       timeout: float | None = None) -> Any:
@@ -381,21 +422,30 @@ class Mesh:
         first = True
         while True:
             generation = self._generation
-            seen = store.last_hlc()
-            records = store.oplog_since(pos, BATCH_RECORDS)
-            if records:
-                pos = records[-1].seq
-                mine = [r for r in records if r.node == own and r.origin_seq > have]
+            seen = store.local_stamps()
+            batch = self._read_batch(pos, have)
+            if batch is not None:
+                pos, mine, encoded = batch
                 if first and mine and mine[0].origin_seq != have + 1:
                     await self._ask_resync(peer, have, mine[0].origin_seq)
                     return False
                 if mine:
                     first = False
-                    await link.send([encode_batch(own, mine)])
+                    await link.send([encoded])
                     have = mine[-1].origin_seq
                     peer.sent = pos
                     peer.records_sent += len(mine)
                     peer.batches_sent += 1
+                    if len(mine) < GATHER_BELOW:
+                        # a trickle: let a millisecond of writes gather rather than send
+                        # each as it commits (half the batches at 10,000 writes/s, each a
+                        # transaction and an acknowledgement on every peer; p99 lag lower)
+                        await asyncio.sleep(POLL_SECONDS)
+                elif peer.sent <= peer.acked:
+                    # Nothing of this node's for it up to ``pos`` (it holds them: a snapshot
+                    # brought them) and nothing in flight: that is acknowledged too, or the
+                    # oplog would be held for it until this node's next write.
+                    peer.acked = max(peer.acked, pos)
                 continue
             if first:
                 own_seq = store.version_vector().get(own, 0)
@@ -403,7 +453,7 @@ class Mesh:
                     await self._ask_resync(peer, have, None)
                     return False
                 first = False
-            if store.last_hlc() != seen:  # a write in flight: look again shortly
+            if store.local_stamps() != seen:  # a write in flight: look again shortly
                 await asyncio.sleep(POLL_SECONDS)
                 continue
             # a write is stamped before it commits: look again for a few milliseconds
@@ -416,6 +466,25 @@ class Mesh:
                     break
             if not found:
                 await self._wait_for_writes(generation, 0.1)
+
+    def _read_batch(self, pos: int, have: int) -> tuple[int, list[Record], bytes] | None:
+        """The next batch after oplog position ``pos`` for a peer that holds this node's
+        writes up to ``have``: (the position it reaches, its records of this node, the
+        encoded batch), or None at the end of the oplog. Every peer usually asks for the
+        same batch: the last few are kept, so the oplog is read and the batch encoded once
+        for all of them."""
+        kept = self._batches.get((pos, have))
+        if kept is not None:
+            return kept
+        records = self.store.oplog_since(pos, BATCH_RECORDS)
+        if not records:
+            return None
+        mine = [r for r in records if r.node == self.own and r.origin_seq > have]
+        batch = (records[-1].seq, mine, encode_batch(self.own, mine) if mine else b"")
+        if len(self._batches) >= 4 * max(1, len(self.peers)):
+            self._batches.clear()
+        self._batches[(pos, have)] = batch
+        return batch
 
     async def _ask_resync(self, peer: PeerState, have: int, oldest: int | None) -> None:
         peer.resyncs_asked += 1
@@ -442,13 +511,13 @@ class Mesh:
             rows = 0
             async for data in peer.link.request_snapshot({"k": "snap"}):
                 chunk = decode_snapshot_chunk(data)
-                rows += self.store.apply_snapshot(chunk).applied
+                rows += (await asyncio.to_thread(self.store.apply_snapshot, chunk)).applied
             self._needs_bootstrap = False
             self.bootstrapped = True
             self.last_snapshot = (rows, time.perf_counter() - began)
             peer.snapshots += 1
             peer.want_snapshot = False
-            restored = self._restore_own()
+            restored = await asyncio.to_thread(self._restore_own)
             log.info("replication: took a snapshot of %d rows from %s in %.3fs (%d rows of "
                      "this node's own kept)", rows, peer.peer_id, time.perf_counter() - began,
                      restored)
@@ -487,15 +556,37 @@ class Mesh:
         except Exception as exc:
             log.warning("replication: anti-entropy after a snapshot failed: %s", exc)
 
-    def _snapshot_chunks(self) -> Iterator[bytes]:
-        start = self.store.snapshot_begin()
-        for chunk in self.store.snapshot_chunks(start, SNAPSHOT_ROWS):
-            yield encode_snapshot_chunk(chunk)
+    async def _snapshot_chunks(self) -> AsyncIterator[bytes]:
+        """This store's snapshot, each chunk read and encoded on a worker thread."""
+        start = await asyncio.to_thread(self.store.snapshot_begin)
+        chunks = self.store.snapshot_chunks(start, SNAPSHOT_ROWS)
+        try:
+            while True:
+                data = await asyncio.to_thread(_next_encoded, chunks)
+                if data is None:
+                    return
+                yield data
+        finally:
+            await asyncio.to_thread(_close, chunks)
+
+    async def _bucket_chunks(self, buckets: list[int]) -> AsyncIterator[bytes]:
+        """The rows and contributions of ``buckets`` (one read), in chunks of at most
+        ``SNAPSHOT_ROWS`` of each; the last chunk is marked done."""
+        rows, found = await asyncio.to_thread(self.store.bucket_rows, buckets)
+        rows.sort(key=lambda r: r.key)
+        start = SnapshotStart(0, 0, self.own, 0, "")
+        parts = max(1, -(-len(rows) // SNAPSHOT_ROWS), -(-len(found) // SNAPSHOT_ROWS))
+        for n in range(parts):
+            piece = slice(n * SNAPSHOT_ROWS, (n + 1) * SNAPSHOT_ROWS)
+            yield encode_snapshot_chunk(SnapshotChunk(start, None, rows[piece], n == parts - 1,
+                                                      tuple(found[piece])))
 
     # ---- inbound --------------------------------------------------------------------------
 
     async def _on_frame(self, peer_id: str, frame: Frame) -> Any:
         if frame.type is FrameType.BATCH:
+            # on the loop: a hop to a worker thread costs up to a GIL switch interval (5 ms)
+            # whenever the loop is busy, which is most of the time under load
             return self._apply_batch(peer_id, frame)
         if frame.type is FrameType.SNAPSHOT_REQUEST:
             req = frame.get("req")
@@ -533,25 +624,23 @@ class Mesh:
             return self._snapshot_chunks()
         if kind == "have":
             origin = str(req.get("origin", ""))
-            return [{"seq": self.store.version_vector().get(origin, 0)}]
+            vector = await asyncio.to_thread(self.store.version_vector)
+            return [{"seq": vector.get(origin, 0)}]
         if kind == "resync":
             peer = self.by_id.get(peer_id)
             if peer is not None:
                 self._spawn(self._resync_from(peer))
             return [{"ok": True}]
         if kind == "digest":
-            digest = self.store.bucket_digests()
+            digest = await asyncio.to_thread(self.store.bucket_digests)
             return [{"b": digest.buckets, "v": [list(p) for p in digest.vector],
                      "c": list(digest.cleared)}]
         if kind == "rows":
-            buckets = [int(b) for b in req.get("b", [])]
-            rows, found = self.store.bucket_rows(buckets)
-            rows.sort(key=lambda r: r.key)
-            start = SnapshotStart(0, 0, self.own, 0, "")
-            return [encode_snapshot_chunk(SnapshotChunk(start, None, rows, True,
-                                                        tuple(found)))]
+            return self._bucket_chunks([int(b) for b in req.get("b", [])])
         if self.quorum is not None and kind in self.quorum.KINDS:
-            return [self.quorum.handle(req)]
+            # a grant waits for SQLite's write lock (and its busy handler sleeps): not on
+            # the loop that carries every peer's stream
+            return [await asyncio.to_thread(self.quorum.handle, req)]
         raise ReplicationError(f"unknown request kind {kind!r}")
 
     async def _resync_from(self, peer: PeerState) -> None:
@@ -572,6 +661,14 @@ class Mesh:
     async def anti_entropy(self) -> dict[str, int]:
         """One pass with every connected peer: pull the rows of the buckets that differ;
         per peer, the number of buckets repaired."""
+        self.anti_entropy_running += 1
+        try:
+            return await self._anti_entropy_pass()
+        finally:
+            self.anti_entropy_running -= 1
+            self.anti_entropy_passes += 1
+
+    async def _anti_entropy_pass(self) -> dict[str, int]:
         done: dict[str, int] = {}
         for peer in self.peers:
             if not peer.link.connected or peer.peer_id is None:
@@ -580,20 +677,21 @@ class Mesh:
             theirs = Digest([int(x) for x in answer["b"]],
                             tuple((str(o), int(s)) for o, s in answer["v"]),
                             (int(answer["c"][0]), str(answer["c"][1])))
-            buckets = differing(self.store.bucket_digests(), theirs)
-            # a few buckets a request (each answer is one frame of at most
-            # MAX_SNAPSHOT_ROWS rows); their clear and vector apply with the last group,
-            # once every differing bucket is here
-            groups = [buckets[i:i + AE_BUCKETS_PER_REQUEST]
-                      for i in range(0, len(buckets), AE_BUCKETS_PER_REQUEST)]
-            for n, group in enumerate(groups):
-                data = await self.request(peer, {"k": "rows", "b": group}, 30.0)
-                chunk = decode_snapshot_chunk(data)
-                self.store.apply_rows(chunk.rows, chunk.counters,
-                                      theirs if n == len(groups) - 1 else None)
+            buckets = differing(await asyncio.to_thread(self.store.bucket_digests), theirs)
+            if buckets:
+                # one read of every differing bucket there, streamed in chunks; their clear
+                # and vector apply with the last chunk, once every differing bucket is here
+                await asyncio.wait_for(self._pull_buckets(peer, buckets, theirs),
+                                       AE_PULL_SECONDS)
             peer.anti_entropy_repairs += len(buckets)
             done[peer.peer_id] = len(buckets)
         return done
+
+    async def _pull_buckets(self, peer: PeerState, buckets: list[int], theirs: Digest) -> None:
+        async for data in peer.link.request_snapshot({"k": "rows", "b": buckets}):
+            chunk = decode_snapshot_chunk(data)
+            await asyncio.to_thread(self.store.apply_rows, chunk.rows, chunk.counters,
+                                    theirs if chunk.done else None)
 
     # ---- observability --------------------------------------------------------------------
 

@@ -151,6 +151,8 @@ def mesh_status(mesh: Mesh) -> dict[str, Any]:
             "listening": mesh.server.port if mesh.server is not None else None,
             "applied": mesh.applied_total, "conflicts_resolved": mesh.conflicts_total,
             "bootstrapped": mesh.bootstrapped,
+            "anti_entropy": {"passes": mesh.anti_entropy_passes,
+                             "running": mesh.anti_entropy_running > 0},
             "last_snapshot": (None if mesh.last_snapshot is None else
                               {"rows": mesh.last_snapshot[0],
                                "seconds": round(mesh.last_snapshot[1], 4)}),

@@ -12,11 +12,13 @@ expire_at)``; locks themselves never replicate.
 1. P asks every node, itself included, to *grant* the lease: a grantor grants it if the
    name is free, expired or already ``owner``'s (``Store.lock_acquire``, one SQLite
    transaction), and answers with its fence counter (a number that only grows on that
-   node, bumped by every grant).
+   node, bumped by every grant). A lock without ttl is granted for ``CLAIM_SECONDS`` at
+   first (unless the owner already holds it there without end), so that the leases of a
+   proposer that dies before step 2 end by themselves.
 2. With grants from a majority, P takes ``fence = max(answers)`` and sends it to the
    granting nodes (*fence*): each raises its counter to at least ``fence`` and stamps the
-   lease with it. With a majority of those acknowledgements the lock is held: P answers the
-   fence.
+   lease with it (a lock without ttl: and makes it permanent). With a majority of those
+   acknowledgements the lock is held: P answers the fence.
 3. Otherwise P releases the grants it got. If a majority answered (someone else holds the
    lease on enough nodes) the answer is "not acquired"; if not, :class:`QuorumUnavailable`
    (HTTP 503). Nothing is ever granted by this node alone.
@@ -41,7 +43,10 @@ nodes, which refuses while the key is live; a concurrent add is excluded by the 
 deleted or expired later can be added again. ``HYPERCACHEIO_HA_LOCAL_ADD=true`` skips all of
 this (local ``add``: fast, two hosts may both succeed).
 
-Release and extend go to every reachable node (extend needs a majority to succeed).
+Release and extend go to every reachable node (extend needs a majority to succeed). A
+lock's state (``info``: the node's ``GET /lock``) is read from every node too: the owner
+whose live lease a majority holds, if any (a node that was down while it was taken holds no
+lease of its own).
 """
 
 from __future__ import annotations
@@ -62,11 +67,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hypercacheio.replication.quorum")
 
-ADD_PREFIX = "\x00add:"  # a lock of this very name (NUL first) would hold up adds of key
+# no caller can name a lock like this: keys and lock names may not hold NUL (codec.check_key)
+ADD_PREFIX = "\x00add:"
 CLAIM_SECONDS = 10.0
 SQL_RAISE_FENCE = "UPDATE meta SET value = max(value, ?) WHERE name = 'fence'"
 SQL_STAMP_FENCE = ("UPDATE locks SET fence = ? WHERE name = ? AND owner = ? "
                    "AND (expire_at IS NULL OR expire_at > ?)")
+SQL_STAMP_FENCE_FINAL = ("UPDATE locks SET fence = ?, expire_at = ? WHERE name = ? AND owner = ? "
+                         "AND (expire_at IS NULL OR expire_at > ?)")
 SQL_FIND_OWN = "SELECT seq FROM oplog WHERE hlc = ? AND node = ? LIMIT 1"
 
 SELF = "self"
@@ -76,7 +84,7 @@ CONTENDED = "contended"  # a claim refused while no node holds the key: try agai
 class Quorum:
     """The majority rule of one node (see the module docstring)."""
 
-    KINDS = frozenset(("grant", "fence", "release", "extend", "put"))
+    KINDS = frozenset(("grant", "fence", "release", "extend", "put", "info"))
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
@@ -98,7 +106,12 @@ class Quorum:
         if kind == "put":
             store.apply(decode_batch(req["b"]).records)
             return {"ok": True}
-        name, owner = str(req["name"]), str(req["owner"])
+        name = str(req["name"])
+        if kind == "info":
+            info = store.lock_info(name)
+            return {"ok": True} if info is None else \
+                {"ok": True, "owner": info[0], "exp": info[1], "fence": info[2]}
+        owner = str(req["owner"])
         expire_at = req.get("exp")
         if expire_at is not None:
             expire_at = float(expire_at)
@@ -106,13 +119,21 @@ class Quorum:
             key = req.get("key")
             if isinstance(key, str) and store.get(key) is not None:
                 return {"ok": False, "exists": True}
+            if req.get("prov") is not None:  # a lock without ttl: provisional until fenced
+                held = store.lock_info(name)
+                if held is None or held[0] != owner or held[1] is not None:
+                    expire_at = float(req["prov"])
             fence = store.lock_acquire(name, owner, expire_at)
             return {"ok": fence is not None, "fence": fence or 0}
         if kind == "fence":
             with store.transaction() as txn:
                 txn.conn.execute(SQL_RAISE_FENCE, (int(req["fence"]),))
-                done = txn.conn.execute(SQL_STAMP_FENCE, (int(req["fence"]), name, owner,
-                                                          txn.now)).rowcount
+                if req.get("final"):  # the lease's real end (a lock without ttl: none)
+                    done = txn.conn.execute(SQL_STAMP_FENCE_FINAL, (
+                        int(req["fence"]), expire_at, name, owner, txn.now)).rowcount
+                else:
+                    done = txn.conn.execute(SQL_STAMP_FENCE, (int(req["fence"]), name, owner,
+                                                              txn.now)).rowcount
             return {"ok": done > 0}
         if kind == "release":
             if req.get("force"):
@@ -128,8 +149,8 @@ class Quorum:
                     only: set[str] | None = None) -> dict[str, dict[str, Any] | None]:
         """Every node's answer (None: unreachable in time), keyed by address or ``self``."""
         answers: dict[str, dict[str, Any] | None] = {}
-        if only is None or SELF in only:
-            answers[SELF] = self.handle(req)
+        if only is None or SELF in only:  # on a worker thread, as a peer's (mesh._answer)
+            answers[SELF] = await asyncio.to_thread(self.handle, req)
         peers = [p for p in self.mesh.peers if only is None or p.address in only]
 
         async def one(peer: PeerState) -> dict[str, Any] | None:
@@ -158,15 +179,22 @@ class Quorum:
                        key: str | None = None) -> tuple[int | None, set[str]]:
         """(the fence, or None when refused; the nodes that granted). With ``key`` (an
         add's claim) the set is empty when refused because a node holds the key live."""
-        votes = await self._poll({"k": "grant", "name": name, "owner": owner,
-                                  "exp": expire_at, "key": key})
+        grant: dict[str, Any] = {"k": "grant", "name": name, "owner": owner,
+                                 "exp": expire_at, "key": key}
+        fencing: dict[str, Any] = {"k": "fence", "name": name, "owner": owner}
+        if expire_at is None:
+            # A lock without ttl is granted for CLAIM_SECONDS first and made permanent by
+            # the fence step: a proposer that dies in between leaves leases that end
+            # (its caller was never told it holds the lock), not ones held forever.
+            grant["prov"] = self.store.clock() + CLAIM_SECONDS
+            fencing.update(final=True, exp=None)
+        votes = await self._poll(grant)
         granted = {w for w, a in votes.items() if a is not None and a.get("ok")}
         exists = {w for w, a in votes.items() if a is not None and a.get("exists")}
         answered = sum(a is not None for a in votes.values())
         if len(granted) >= self.majority:
             fence = max(int(votes[w]["fence"]) for w in granted)  # type: ignore[index]
-            acks = await self._poll({"k": "fence", "name": name, "owner": owner,
-                                     "fence": fence}, granted)
+            acks = await self._poll({**fencing, "fence": fence}, granted)
             if sum(1 for a in acks.values() if a is not None and a.get("ok")) >= self.majority:
                 self.granted += 1
                 return fence, granted
@@ -187,6 +215,27 @@ class Quorum:
         answers = await self._poll({"k": "release", "name": name, "owner": owner,
                                     "force": force})
         return any(a is not None and a.get("ok") for a in answers.values())
+
+    async def info(self, name: str) -> tuple[str, float | None, int] | None:
+        """(owner, expires at, fence) of the owner whose live lease a majority of the nodes
+        hold, or None when no owner has one (a lease on fewer nodes is an acquire under way
+        or one that failed: nobody holds the lock); :class:`QuorumUnavailable` without a
+        majority's answers. A node that was down while the lock was taken has no lease of
+        its own, so its local table alone could not tell."""
+        answers = await self._poll({"k": "info", "name": name})
+        answered = [a for a in answers.values() if a is not None and a.get("ok")]
+        if len(answered) < self.majority:
+            raise self._unavailable(f"reading lock {name!r}", len(answered))
+        holders: dict[str, list[dict[str, Any]]] = {}
+        for a in answered:
+            if isinstance(a.get("owner"), str):
+                holders.setdefault(a["owner"], []).append(a)
+        for owner, leases in holders.items():
+            if len(leases) >= self.majority:
+                expiries = [float(a["exp"]) for a in leases if a.get("exp") is not None]
+                return (owner, min(expiries) if len(expiries) == len(leases) else None,
+                        max(int(a.get("fence") or 0) for a in leases))
+        return None
 
     async def extend(self, name: str, owner: str, expire_at: float | None) -> bool:
         answers = await self._poll({"k": "extend", "name": name, "owner": owner,

@@ -31,6 +31,7 @@ CLOCK_NAME = "hypercacheio.clock"
 CLOCK_BYTES = 4096
 MAGIC = 0x31_6B_63_6F_6C_63_63_68  # b"hcclock1" little-endian
 _MAGIC, _LAST, _GENERATION, _BOOT = 0, 1, 2, 3  # word indexes; the boot id takes 3 and 4
+_STAMPS = 5  # versions handed out to local writes (not observed ones): a wake-up signal
 
 SQL_OBSERVE = "UPDATE meta SET value = ? WHERE name = 'hlc' AND value < ?"
 SQL_SEED = ("SELECT max(COALESCE((SELECT value FROM meta WHERE name = 'hlc'), 0), "
@@ -44,6 +45,14 @@ SQL_PUT_STAMPED = (
     "SELECT ?, ?, ?, ?, ?, hcio_hlc(?), ? "
     "WHERE NOT EXISTS (SELECT 1 FROM meta WHERE name = 'clustered' AND value)"
 )
+# The clustered one-statement set: the view's trigger (``schema.LOGGED_PUT``) writes the
+# row and its oplog row, only while the store is clustered (no change made says "take the
+# transaction path"). Like SQL_PUT_STAMPED, the statement takes SQLite's write lock before
+# it evaluates anything (its program's Transaction opcode runs first), so ``hcio_hlc`` runs
+# under the lock, once (the trigger reads NEW.hlc, computed before it fires), and the
+# oplog's seq order is the versions' order (tests/test_oplog_fastpath.py).
+SQL_PUT_LOGGED = ("INSERT INTO logged_put(key, tag, value, expire_at, size, hlc, node) "
+                  "VALUES (?, ?, ?, ?, ?, hcio_hlc(?), ?)")
 
 
 def wall_hlc(seconds: float) -> int:
@@ -109,6 +118,7 @@ class DatabaseClock:
         last = w[_LAST]
         version = physical if physical > last else last + 1
         w[_LAST] = version
+        w[_STAMPS] = (w[_STAMPS] + 1) & 0xFFFF_FFFF_FFFF_FFFF
         return version
 
     def stamping(self, owner: _ThreadNotes) -> Callable[[int], int]:
@@ -124,6 +134,7 @@ class DatabaseClock:
             last = words[_LAST]
             version = physical if physical > last else last + 1
             words[_LAST] = version
+            words[_STAMPS] = (words[_STAMPS] + 1) & 0xFFFF_FFFF_FFFF_FFFF
             owner._local.version = version
             return version
 
@@ -137,6 +148,10 @@ class DatabaseClock:
     def last(self) -> int:
         """The last version handed out or observed."""
         return int(self.words[_LAST])
+
+    def stamps(self) -> int:
+        """How many versions were handed out (``next``, ``hcio_hlc``), modulo 2**64."""
+        return int(self.words[_STAMPS])
 
     @property
     def generation(self) -> int:

@@ -3,10 +3,10 @@
 Every mutation goes through ``Store.transaction``: BEGIN IMMEDIATE, the change, a version
 from the database clock (``clock.py``), the oplog row when the store is clustered, COMMIT,
 then fresh L1 tokens for the changed keys (``Store._finish``). The one shortcut, a single
-blind ``set`` of a store that is not clustered, is one autocommit statement that stamps
-its own version (SQLite's own transaction) and then the same ``_finish``. Records and
-snapshots from another store (``Store.apply``, ``Store.apply_snapshot``: ``replica.py``,
-``snapshot.py``) take the same transaction path.
+blind ``set``, is one autocommit statement that stamps its own version (SQLite's own
+transaction; clustered, a trigger writes its oplog row in it) and then the same
+``_finish``. Records and snapshots from another store (``Store.apply``,
+``Store.apply_snapshot``: ``replica.py``, ``snapshot.py``) take the same transaction path.
 
 The module runs a little over 500 lines because the ``Store`` methods are each a few lines
 over the one write path, and reading them next to it is the point; schema, connections,
@@ -26,7 +26,7 @@ from ..codec import INT64_MAX, INT64_MIN, TAG_INT, TAG_TOMBSTONE, Payload, paylo
 from ..errors import StorageCorruptError, StorageError
 from ..l1 import TokenTable
 from . import counters, replica, upkeep
-from .clock import CLOCK_NAME, SQL_OBSERVE, SQL_PUT_STAMPED, DatabaseClock
+from .clock import CLOCK_NAME, SQL_OBSERVE, SQL_PUT_LOGGED, SQL_PUT_STAMPED, DatabaseClock
 from .connections import ConnectionOwner, _Connection, _fork_generation
 from .diagnose import storage_error
 from .fs import file_size, prepare_directory
@@ -168,23 +168,27 @@ class Store(Replication, ConnectionOwner):
                 log.warning("size check in %s failed: %s", self.directory, exc)
 
     def _write_one(self, sql: str, params: Sequence[Any], changed: list[str],
-                   doing: str = "write") -> sqlite3.Cursor:
-        """The one-statement door of the write path: autocommit, then ``_finish``.
+                   doing: str = "write") -> bool:
+        """The one-statement door of the write path: autocommit, then ``_finish``; True if
+        the statement changed a row (its triggers' changes count: ``total_changes``, since
+        an insert into a view reports a rowcount of 0).
 
-        For one write statement that needs no oplog row: it is its own transaction, and a
-        fresh write statement retries on busy as BEGIN IMMEDIATE does and reads nothing
-        before it, so it sees no stale snapshot.
+        For one write statement that needs no oplog row, or writes it itself (a trigger):
+        it is its own transaction, and a fresh write statement retries on busy as BEGIN
+        IMMEDIATE does and reads nothing before it, so it sees no stale snapshot.
         """
         slots = self._publish(changed)  # before the write too: see _publish
         conn = self._lease()
         try:
-            cur = conn.execute(sql, params)
+            before = conn.total_changes
+            conn.execute(sql, params)
+            wrote = conn.total_changes != before
         except sqlite3.Error as exc:
             raise storage_error(exc, self.path, doing, self.busy_timeout) from exc
         finally:
             conn.busy -= 1
         self._finish(changed, False, slots)
-        return cur
+        return wrote
 
     def record(self, txn: Txn, op: str, key: str | None, tag: int | None = None,
                value: Any = None, expire_at: float | None = None,
@@ -223,6 +227,12 @@ class Store(Replication, ConnectionOwner):
     def last_hlc(self) -> int:
         """The last version this database handed out (or observed from a peer)."""
         return self._clock.last()
+
+    def local_stamps(self) -> int:
+        """How many versions this database handed out to its own writes (any process's;
+        a version observed from a peer does not count): what a node shipping this store's
+        writes watches, one word of a shared map."""
+        return self._clock.stamps()
 
     def observe(self, remote_hlc: int) -> None:
         """Move the database clock to a peer's version if it is ahead: later writes stamp
@@ -301,17 +311,22 @@ class Store(Replication, ConnectionOwner):
     # ---- writes ---------------------------------------------------------------------
 
     def set(self, key: str, tag: int, payload: Payload, expire_at: float | None) -> None:
-        """Store a row (replacing any)."""
-        if not self.clustered and self.max_entries is None:
+        """Store a row (replacing any).
+
+        One autocommit statement that stamps its own version: the plain row
+        (``SQL_PUT_STAMPED``) or, clustered, the row and its oplog row through the view
+        ``logged_put`` (``SQL_PUT_LOGGED``; the trigger writes what ``record`` would). Each
+        writes nothing when the store's flag is not what this process last read; the
+        transaction path then reads the flag again and does the write. ``max_entries``
+        culls inside a transaction: the transaction path.
+        """
+        if self.max_entries is None:
             size = len(key) + (len(payload) if type(payload) is bytes else payload_size(payload))
-            cur = self._write_one(SQL_PUT_STAMPED, (key, tag, payload, expire_at, size,
-                                                    int(self.clock() * 1000) << 16,
-                                                    self.node_id), [key])
-            if cur.rowcount > 0:
+            if self._write_one(SQL_PUT_LOGGED if self.clustered else SQL_PUT_STAMPED,
+                               (key, tag, payload, expire_at, size,
+                                int(self.clock() * 1000) << 16, self.node_id), [key]):
                 return
-            # Marked clustered since: the write needs its oplog row (the transaction reads
-            # the flag again).
-            self._flag_generation = -1
+            self._flag_generation = -1  # marked (or unmarked) clustered since
         with self.transaction() as txn:
             self._put(txn, key, tag, payload, expire_at)
 
@@ -476,8 +491,7 @@ class Store(Replication, ConnectionOwner):
     def lock_release(self, name: str, owner: str) -> bool:
         """Release the lock if ``owner`` holds it; True if released."""
         # One conditional DELETE: atomic alone, and locks have no L1 token and no oplog row.
-        cur = self._write_one(SQL_LOCK_RELEASE, (name, owner), [], "release a lock")
-        return bool(cur.rowcount > 0)
+        return self._write_one(SQL_LOCK_RELEASE, (name, owner), [], "release a lock")
 
     def lock_force_release(self, name: str) -> bool:
         """Release the lock whoever holds it; True if it was held."""
@@ -506,6 +520,15 @@ class Store(Replication, ConnectionOwner):
     def enforce_max_bytes(self) -> int:
         """Evict (expired first, then oldest written) until under ``max_bytes``."""
         return upkeep.enforce_max_bytes(self)
+
+    def defer_checkpoints(self) -> None:
+        """This thread's commits no longer checkpoint the WAL (``wal_autocheckpoint=0``):
+        for a thread whose commits must stay short, when another one runs ``checkpoint``."""
+        conn = self._lease()
+        try:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        finally:
+            conn.busy -= 1
 
     def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
         """Run a WAL checkpoint: (busy, log frames, checkpointed frames)."""

@@ -18,6 +18,11 @@ The rule, the same on every node:
   base are discarded (an increment concurrent with a set is lost to the set, on every
   node, whichever arrives first). A contribution on a base newer than the row here waits in
   ``counters`` until the write that starts that base arrives.
+- 64 bits: a node refuses a local ``incr`` that would leave the signed 64-bit range; the
+  sum of concurrent contributions of several nodes can still leave it, and is then held at
+  the nearest bound (logged). Every node holds the same value unless contributions that
+  cross a bound and come back arrive in different orders; far from the bounds the sum is
+  exact. (Refusing the record instead would stop the stream for good.)
 - Expiry: a counter made from a base of value 0 expires at the latest expiry its
   contributions asked for (never, if one asked for none); otherwise the base's expiry.
   Expiry is absolute: hosts' clocks are assumed in sync well within a counter's lifetime.
@@ -25,6 +30,7 @@ The rule, the same on every node:
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from typing import TYPE_CHECKING
 
@@ -35,14 +41,19 @@ if TYPE_CHECKING:
     from .core import Store
     from .writes import Txn
 
+log = logging.getLogger("hypercacheio.store")
+
+SQL_ANY = "SELECT 1 FROM counters LIMIT 1"
 SQL_ROW = "SELECT tag, value, expire_at, hlc, node FROM entries WHERE key = ?"
 SQL_GET = ("SELECT base_hlc, base_node, total, origin_seq FROM counters "
            "WHERE key = ? AND origin = ?")
 SQL_PUT = ("INSERT OR REPLACE INTO counters(key, origin, base_hlc, base_node, total, "
            "origin_seq, expire_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
-SQL_SUM = ("SELECT sum(total), count(*), max(expire_at IS NULL), max(expire_at) FROM counters "
-           "WHERE key = ? AND base_hlc = ? AND base_node = ?")
-SQL_SUM_OTHERS = ("SELECT sum(total), count(*), max(expire_at IS NULL), max(expire_at) "
+# total(): a float sum that cannot overflow; the exact sum is recomputed in Python (_exact)
+SQL_SUM = ("SELECT total(total), count(*), max(expire_at IS NULL), max(expire_at) "
+           "FROM counters WHERE key = ? AND base_hlc = ? AND base_node = ?")
+SQL_TOTALS = "SELECT total FROM counters WHERE key = ? AND base_hlc = ? AND base_node = ?"
+SQL_SUM_OTHERS = ("SELECT total(total), count(*), max(expire_at IS NULL), max(expire_at) "
                   "FROM counters WHERE key = ? AND base_hlc = ? AND base_node = ? "
                   "AND origin != ?")
 SQL_ENTRY_PUT = ("INSERT OR REPLACE INTO entries(key, tag, value, expire_at, size, hlc, node) "
@@ -63,14 +74,29 @@ def later(a: float | None, b: float | None) -> float | None:
     return a if a >= b else b
 
 
+def _bounded(key: str, value: int) -> int:
+    """``value`` held within the signed 64-bit range (see the module's rule)."""
+    if INT64_MIN <= value <= INT64_MAX:
+        return value
+    bound = INT64_MAX if value > 0 else INT64_MIN
+    log.warning("counter %r: the sum of the nodes' increments leaves the 64-bit range; "
+                "held at %d", key, bound)
+    return bound
+
+
+def _exact(conn: sqlite3.Connection, key: str, base: tuple[int, str]) -> int:
+    """The exact sum of the contributions on ``base`` (SQLite's sum() raises on overflow)."""
+    return sum(int(t) for (t,) in conn.execute(SQL_TOTALS, (key, *base)))
+
+
 def _live(row: tuple[int, object, float | None, int, str] | None, now: float) -> bool:
     return row is not None and row[0] != TAG_TOMBSTONE and (row[2] is None or row[2] > now)
 
 
 def _materialize(txn: Txn, key: str, base: tuple[int, str]) -> int:
     """Write the counter of a base of value 0: the sum of its contributions."""
-    total, count, never, latest = txn.conn.execute(SQL_SUM, (key, *base)).fetchone()
-    value = int(total or 0)
+    _, count, never, latest = txn.conn.execute(SQL_SUM, (key, *base)).fetchone()
+    value = _bounded(key, _exact(txn.conn, key, base))
     expire = None if never else latest
     txn.conn.execute(SQL_ENTRY_PUT, (key, TAG_INT, value, expire, len(key) + payload_size(value),
                                      base[0], base[1]))
@@ -110,8 +136,10 @@ def local_incr(store: Store, txn: Txn, key: str, delta: int, expire_if_new: floa
         conn.execute(SQL_ENTRY_ADD, (value, expire, key))
         counter_expire = expire
     else:  # a base of value 0: every node's contribution on it, this one's new total
-        others, _, never, latest = conn.execute(SQL_SUM_OTHERS, (key, *base, node)).fetchone()
-        value = int(others or 0) + total
+        _, _, never, latest = conn.execute(SQL_SUM_OTHERS, (key, *base, node)).fetchone()
+        others = _exact(conn, key, base) - (int(previous[2]) if previous is not None
+                                            and (previous[0], previous[1]) == base else 0)
+        value = others + total
         if not INT64_MIN <= value <= INT64_MAX:
             raise OverflowError(f"incrementing {key!r} by {delta} leaves the 64-bit range")
         counter_expire = expire if never is None else later(expire, None if never else latest)
@@ -147,7 +175,7 @@ def apply_contribution(txn: Txn, c: CounterRow, floor: tuple[int, str]) -> bool:
         return True  # waits for the write that starts its base
     if _live(row, txn.now):
         if row[0] == TAG_INT:
-            conn.execute(SQL_ENTRY_ADD, (int(row[1]) + c.total - old,
+            conn.execute(SQL_ENTRY_ADD, (_bounded(c.key, int(row[1]) + c.total - old),
                                          later(row[2], c.expire_at), c.key))
     else:
         _materialize(txn, c.key, base)
@@ -159,12 +187,14 @@ def after_write(txn: Txn, key: str, tag: int, expire_at: float | None,
                 version: tuple[int, str]) -> None:
     """A set or delete applied from a peer starts base ``version``: count the contributions
     that arrived before it."""
-    total, count, never, latest = txn.conn.execute(SQL_SUM, (key, *version)).fetchone()
+    _, count, never, latest = txn.conn.execute(SQL_SUM, (key, *version)).fetchone()
     if not count:
         return
     if tag == TAG_INT:
-        txn.conn.execute("UPDATE entries SET value = value + ?, expire_at = ? WHERE key = ?",
-                         (int(total), later(expire_at, None if never else latest), key))
+        row = txn.conn.execute(SQL_ROW, (key,)).fetchone()
+        txn.conn.execute(SQL_ENTRY_ADD, (_bounded(key, int(row[1]) + _exact(txn.conn, key,
+                                                                              version)),
+                                         later(expire_at, None if never else latest), key))
     elif tag == TAG_TOMBSTONE:
         _materialize(txn, key, version)
 

@@ -12,6 +12,7 @@ from ..errors import StorageError
 from .diagnose import BUSY, classify, storage_error
 from .schema import (
     INIT_LOCK_NAME,
+    LOGGED_PUT,
     META_DEFAULTS,
     MIGRATIONS,
     PRAGMAS_DATABASE,
@@ -75,6 +76,8 @@ def create_or_upgrade(store: Store, conn: sqlite3.Connection, clustered: bool) -
             conn.execute(sql)
     if version < SCHEMA_VERSION:
         conn.execute(SQL_META_SET, (SCHEMA_VERSION, "schema_version"))
+    for sql in LOGGED_PUT:  # after the migrations: it names the oplog's newer columns
+        conn.execute(sql)
     conn.execute(SQL_META_INIT, ("node_id", uuid.uuid4().hex[:16]))
     conn.execute(SQL_META_INIT, ("created_at", store.clock()))
     for name, value in META_DEFAULTS:

@@ -55,19 +55,21 @@ from ..replication.records import (
 from . import counters, mesh
 from .clock import SQL_OBSERVE
 from .diagnose import storage_error
-from .schema import SQL_META_GET, SQL_META_SET, SQL_OPLOG
+from .schema import OPLOG_FLOOR, SQL_META_GET, SQL_META_SET, SQL_OPLOG
 from .upkeep import TOMBSTONE_SECONDS
 
 if TYPE_CHECKING:
     from .core import Store, Txn
 
+# (a floor row is no write: schema.OPLOG_FLOOR)
 SQL_OPLOG_SINCE = ("SELECT seq, op, key, tag, value, expire_at, hlc, node, delta, "
                    "COALESCE(origin_seq, 0), base_hlc, base_node, total FROM oplog "
-                   "WHERE seq > ? ORDER BY seq LIMIT ?")
-# the last seq ever written (AUTOINCREMENT keeps it in sqlite_sequence: trims never lower it)
-_LAST = "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'oplog'), 0)"
+                   f"WHERE seq > ? AND op != '{OPLOG_FLOOR}' ORDER BY seq LIMIT ?")
+# the last seq ever written: the trims keep the newest row (schema.OPLOG_FLOOR)
+_LAST = "COALESCE((SELECT max(seq) FROM oplog), 0)"
 SQL_OPLOG_LAST = f"SELECT {_LAST}"
-SQL_OPLOG_BOUNDS = f"SELECT (SELECT min(seq) FROM oplog), {_LAST}"
+SQL_OPLOG_BOUNDS = (f"SELECT (SELECT seq FROM oplog WHERE op != '{OPLOG_FLOOR}' ORDER BY seq "
+                    f"LIMIT 1), {_LAST}")
 # A row from another store, if newer than the one here (a tombstone: tag -1, value NULL).
 SQL_APPLY_PUT = (
     "INSERT INTO entries(key, tag, value, expire_at, size, hlc, node) "
@@ -174,6 +176,9 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
         # active-active only: a primary/secondary stream is ordered by its own positions
         vector = mesh.Vector(conn, store.node_id) if txn.clustered and store.multi_writer \
             else None
+        # a set or delete counts contributions waiting for its base: none without any
+        # (one read a batch rather than one a record)
+        waiting = vector is not None and conn.execute(counters.SQL_ANY).fetchone() is not None
         for record in batch:
             op, key, hlc, node = record.op, record.key, record.hlc, record.node
             if record.origin_seq and vector is not None:
@@ -189,6 +194,7 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
                 counted = counters.apply_contribution(txn, CounterRow(
                     key, node, record.base_hlc, record.base_node or "", record.total,
                     record.origin_seq, record.expire_at), floor)
+                waiting = True
                 if counted and relay:
                     _relay(conn, record)
                 applied += counted
@@ -202,7 +208,7 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
                     key, record.tag, value, record.expire_at,
                     len(key) + payload_size(value), hlc, node)).rowcount
                 txn.inserted += done
-                if done > 0 and record.tag == TAG_INT:
+                if done > 0 and record.tag == TAG_INT and waiting:
                     counters.after_write(txn, key, TAG_INT, record.expire_at, (hlc, node))
             elif op == DELETE:
                 until = record.expire_at
@@ -210,7 +216,7 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
                     until = txn.now + TOMBSTONE_SECONDS
                 done = conn.execute(SQL_APPLY_PUT, (
                     key, TAG_TOMBSTONE, None, until, 0, hlc, node)).rowcount
-                if done > 0:
+                if done > 0 and waiting:
                     assert key is not None  # _check
                     counters.after_write(txn, key, TAG_TOMBSTONE, until, (hlc, node))
             elif op == TOUCH:

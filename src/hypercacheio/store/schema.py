@@ -11,7 +11,12 @@ INIT_LOCK_NAME = "hypercacheio.init.lock"
 # the last clear; oplog rows carry an increment's delta; ``peers`` holds replication
 # positions. An older hypercacheio would stamp versions of its own: it refuses a version-2
 # database.
-SCHEMA_VERSION = 2
+# Version 3: the oplog's seq is a plain INTEGER PRIMARY KEY (no AUTOINCREMENT, whose
+# ``sqlite_sequence`` row was a third page dirtied by every clustered write), and a
+# clustered ``set`` is one statement into the view ``logged_put`` (its trigger writes the
+# row and its oplog row: ``LOGGED_PUT``). An older hypercacheio would keep reading the
+# oplog's last position from ``sqlite_sequence``: it refuses a version-3 database.
+SCHEMA_VERSION = 3
 
 # Applied once per database, under the init file lock (journal_mode is persistent).
 PRAGMAS_DATABASE = ("PRAGMA journal_mode=WAL",)
@@ -25,7 +30,23 @@ PRAGMAS_CONNECTION = (
     "PRAGMA foreign_keys=OFF",
 )
 
-SCHEMA = """
+OPLOG_COLUMNS = """
+    seq       INTEGER PRIMARY KEY, -- never reused: see OPLOG_FLOOR
+    op        TEXT NOT NULL,      -- set, delete, incr, touch, clear
+    key       TEXT,               -- NULL for clear
+    tag       INTEGER,            -- set, incr: codec tag of value
+    value,                        -- set: the value; incr: the resulting value
+    expire_at REAL,               -- set, incr, touch: the row's; delete: the tombstone's
+    hlc       INTEGER NOT NULL,   -- version of the write
+    node      TEXT NOT NULL,      -- node it was first written on (its origin)
+    delta     INTEGER,            -- incr: the increment
+    origin_seq INTEGER,           -- the origin's own sequence number of the write
+    base_hlc  INTEGER,            -- active-active incr: the version of the counter's base
+    base_node TEXT,               -- ... and its node
+    total     INTEGER             -- ... the origin's whole contribution on that base
+"""
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value
@@ -47,21 +68,7 @@ CREATE TABLE IF NOT EXISTS locks (
     fence       INTEGER NOT NULL,
     acquired_at REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS oplog (
-    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
-    op        TEXT NOT NULL,      -- set, delete, incr, touch, clear
-    key       TEXT,               -- NULL for clear
-    tag       INTEGER,            -- set, incr: codec tag of value
-    value,                        -- set: the value; incr: the resulting value
-    expire_at REAL,               -- set, incr, touch: the row's; delete: the tombstone's
-    hlc       INTEGER NOT NULL,   -- version of the write
-    node      TEXT NOT NULL,      -- node it was first written on (its origin)
-    delta     INTEGER,            -- incr: the increment
-    origin_seq INTEGER,           -- the origin's own sequence number of the write
-    base_hlc  INTEGER,            -- active-active incr: the version of the counter's base
-    base_node TEXT,               -- ... and its node
-    total     INTEGER             -- ... the origin's whole contribution on that base
-);
+CREATE TABLE IF NOT EXISTS oplog ({OPLOG_COLUMNS});
 -- The version vector: per origin, every write up to applied_seq is applied here (this
 -- node's own row counts its own writes: the next one gets applied_seq + 1).
 CREATE TABLE IF NOT EXISTS origins (
@@ -94,6 +101,17 @@ CREATE TABLE IF NOT EXISTS peers (
 ) WITHOUT ROWID;
 """
 
+# The oplog's numbering never goes back: peers hold positions in it (``peers``; push.py,
+# mesh.py). Without AUTOINCREMENT SQLite numbers a row max(seq) + 1, so the newest row is
+# never deleted (SQL_PURGE_OPLOG keeps it; nothing else deletes oplog rows): once the
+# trims may take it, it becomes a floor row instead (SQL_FLOOR_OPLOG), and a version-2
+# oplog emptied by its trims gets one at its last seq (migration 3). A floor row (op
+# OPLOG_FLOOR, hlc 0, node '': no node's id, so no node's own sequence, SQL_OWN_SEQ) says
+# "every seq up to here was written and trimmed": the readers skip it
+# (``replica.SQL_OPLOG_SINCE``, ``SQL_OPLOG_BOUNDS``, ``upkeep.SQL_OLDEST_UNACKED``), so the
+# bounds read as for an emptied oplog, and the trims take it once a newer row exists.
+OPLOG_FLOOR = "floor"
+
 # Run in order, inside the opening transaction, on a database of an older version.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # new ``meta`` rows (META_DEFAULTS), the oplog's delta; ``peers`` comes from SCHEMA; the
@@ -103,6 +121,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE oplog ADD COLUMN base_hlc INTEGER",
         "ALTER TABLE oplog ADD COLUMN base_node TEXT",
         "ALTER TABLE oplog ADD COLUMN total INTEGER"),
+    # the oplog rebuilt without AUTOINCREMENT, its rows kept; the numbering goes on above
+    # the last seq ever written (``sqlite_sequence``) through a floor row if the rows are
+    # gone (OPLOG_FLOOR). The view and trigger of ``LOGGED_PUT`` are made afterwards.
+    3: (f"CREATE TABLE oplog_v3 ({OPLOG_COLUMNS})",
+        "INSERT INTO oplog_v3(seq, op, key, tag, value, expire_at, hlc, node, delta, "
+        "origin_seq, base_hlc, base_node, total) SELECT seq, op, key, tag, value, expire_at, "
+        "hlc, node, delta, origin_seq, base_hlc, base_node, total FROM oplog",
+        f"INSERT INTO oplog_v3(seq, op, hlc, node) SELECT seq, '{OPLOG_FLOOR}', 0, '' "
+        "FROM sqlite_sequence WHERE name = 'oplog' "
+        "AND seq > COALESCE((SELECT max(seq) FROM oplog), 0)",
+        "DROP TABLE oplog",
+        "ALTER TABLE oplog_v3 RENAME TO oplog"),
 }
 
 # Rows every database has (INSERT OR IGNORE: the first process to open it decides).
@@ -179,9 +209,16 @@ SQL_PURGE_COUNTERS = (
     "DELETE FROM counters WHERE (key, origin) IN (SELECT c.key, c.origin FROM counters c "
     "JOIN entries e ON e.key = c.key WHERE (c.base_hlc, c.base_node) < (e.hlc, e.node) "
     "LIMIT ?)")
-# The oplog is trimmed from its oldest row up to a bound (upkeep.oplog_trim_bound).
+# The oplog is trimmed from its oldest row up to a bound (upkeep.oplog_trim_bound), never
+# its newest row: the next seq is max(seq) + 1 (OPLOG_FLOOR).
 SQL_PURGE_OPLOG = ("DELETE FROM oplog WHERE seq IN (SELECT seq FROM oplog "
-                   "WHERE seq <= ? ORDER BY seq LIMIT ?)")
+                   "WHERE seq <= ? AND seq < (SELECT max(seq) FROM oplog) ORDER BY seq LIMIT ?)")
+# ... which, once the bound reaches it, becomes a floor row
+SQL_FLOOR_OPLOG = (
+    f"UPDATE oplog SET op = '{OPLOG_FLOOR}', key = NULL, tag = NULL, value = NULL, "
+    "expire_at = NULL, hlc = 0, node = '', delta = NULL, origin_seq = NULL, base_hlc = NULL, "
+    "base_node = NULL, total = NULL WHERE seq = (SELECT max(seq) FROM oplog) AND seq <= ? "
+    f"AND op != '{OPLOG_FLOOR}'")
 # the last row older than the tombstone window (oplog hlc grows with seq for local writes)
 SQL_OPLOG_WINDOW_BOUND = ("SELECT COALESCE((SELECT seq FROM oplog WHERE hlc >= ? ORDER BY seq "
                           "LIMIT 1) - 1, (SELECT max(seq) FROM oplog), 0)")
@@ -199,10 +236,32 @@ SQL_OPLOG = ("INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node, delta
 # This node's last own sequence number: its last oplog row's (the oplog's last page is
 # written anyway: no other page dirtied), or, once the oplog no longer holds one, the count
 # kept in ``origins`` (upkeep raises it before trimming; a merged vector may raise it too).
-SQL_OWN_SEQ = ("SELECT max(COALESCE((SELECT origin_seq FROM oplog WHERE node = ?1 "
+_OWN_SEQ_OF = ("max(COALESCE((SELECT origin_seq FROM oplog WHERE node = {node} "
                "ORDER BY seq DESC LIMIT 1), 0), "
-               "COALESCE((SELECT applied_seq FROM origins WHERE origin = ?1), 0))")
+               "COALESCE((SELECT applied_seq FROM origins WHERE origin = {node}), 0))")
+SQL_OWN_SEQ = "SELECT " + _OWN_SEQ_OF.format(node="?1")
 SQL_KEEP_OWN_SEQ = f"UPDATE origins SET applied_seq = ({SQL_OWN_SEQ}) WHERE origin = ?1"
+
+# The clustered one-statement ``set`` (``clock.SQL_PUT_LOGGED``): an insert into the view
+# ``logged_put`` whose trigger writes the row and its oplog row, the very row
+# ``Store.record`` writes for op 'set' (this node's next own sequence number; no delta, no
+# base, no total), in the statement's own autocommit transaction: one commit, two pages
+# (the row's and the oplog's last). The trigger runs only while the store is clustered; it
+# then writes nothing, and ``Store.set`` takes the transaction path. A changed trigger
+# needs a new schema version whose migration drops this one (IF NOT EXISTS keeps it).
+# Made after the migrations, in the opening transaction: it names the oplog's version-2
+# columns.
+LOGGED_PUT = (
+    "CREATE VIEW IF NOT EXISTS logged_put(key, tag, value, expire_at, size, hlc, node) AS "
+    "SELECT key, tag, value, expire_at, size, hlc, node FROM entries WHERE 0",
+    "CREATE TRIGGER IF NOT EXISTS logged_put_write INSTEAD OF INSERT ON logged_put "
+    "WHEN EXISTS (SELECT 1 FROM meta WHERE name = 'clustered' AND value) BEGIN "
+    "INSERT OR REPLACE INTO entries(key, tag, value, expire_at, size, hlc, node) "
+    "VALUES (NEW.key, NEW.tag, NEW.value, NEW.expire_at, NEW.size, NEW.hlc, NEW.node); "
+    "INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node, origin_seq) "
+    "VALUES ('set', NEW.key, NEW.tag, NEW.value, NEW.expire_at, NEW.hlc, NEW.node, "
+    + _OWN_SEQ_OF.format(node="NEW.node") + " + 1); END",
+)
 SQL_ENSURE_ORIGIN = "INSERT OR IGNORE INTO origins(origin, applied_seq) VALUES (?, 0)"
 
 

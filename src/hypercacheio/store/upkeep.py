@@ -12,10 +12,12 @@ from ..errors import StorageError
 from .clock import wall_hlc
 from .fs import file_size
 from .schema import (
+    OPLOG_FLOOR,
     SQL_COUNT_ALL,
     SQL_EVICT_ALL_BUT,
     SQL_EVICT_OLDEST,
     SQL_EXPIRED_TO_TOMBSTONE,
+    SQL_FLOOR_OPLOG,
     SQL_KEEP_OWN_SEQ,
     SQL_OPLOG_WINDOW_BOUND,
     SQL_PEERS_MIN_ACKED,
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hypercacheio.store")
 
-SQL_OLDEST_UNACKED = "SELECT hlc FROM oplog WHERE seq > ? ORDER BY seq LIMIT 1"
+SQL_OLDEST_UNACKED = (f"SELECT hlc FROM oplog WHERE seq > ? AND op != '{OPLOG_FLOOR}' "
+                      "ORDER BY seq LIMIT 1")
 
 GC_EVERY = 512  # writes of one process between two amortized collections
 GC_BATCH = 256  # rows removed by one amortized collection
@@ -60,8 +63,9 @@ def purge_expired(store: Store, limit: int | None = None) -> int:
             else:
                 keys = [r[0] for r in conn.execute(SQL_PURGE, (txn.now, batch))]
             conn.execute(SQL_PURGE_LOCKS, (txn.now, batch))
-            trimmed = conn.execute(SQL_PURGE_OPLOG,
-                                   (oplog_trim_bound(store, txn), batch)).rowcount
+            bound = oplog_trim_bound(store, txn)
+            trimmed = conn.execute(SQL_PURGE_OPLOG, (bound, batch)).rowcount
+            conn.execute(SQL_FLOOR_OPLOG, (bound,))  # the newest row stays, as a floor
             txn.changed.extend(keys)
         removed += len(keys)
         # An unbounded round also takes the whole old oplog: one batch a round would

@@ -177,7 +177,7 @@ class HyperCacheIOCache(BaseCache):
         if type(full) is not str or not full:
             raise InvalidCacheKey(
                 f"cache keys must be non-empty strings; the key function made {full!r}")
-        if len(full) > MAX_KEY_BYTES // 4:
+        if len(full) > MAX_KEY_BYTES // 4 or "\0" in full:  # NUL: the engine's, internal
             full = fit_engine_key(full)
         # Remember keys that need no warning (a warned key must warn again next time).
         if memoizable and not warned:
