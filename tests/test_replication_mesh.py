@@ -233,6 +233,9 @@ def test_lock_status_is_what_a_majority_holds(cluster: MeshCluster) -> None:
     assert doc["expires_at"] == pytest.approx(taken["expires_at"], abs=0.01)
     status, doc = c.json("GET", "/lock/job?owner=beta")
     assert doc["locked"] is True and doc["owned"] is False, doc
+    restored = _ha_cache(cluster, c).restore_lock("job", "alpha")  # the library, on c's host
+    assert restored.owned() and restored.fence == taken["fence"]
+    assert restored.ttl is not None and 0 < restored.ttl <= 30
     a.json("DELETE", "/lock/job?owner=alpha")
     status, doc = c.json("GET", "/lock/job")
     assert status == 200 and doc["locked"] is False, doc

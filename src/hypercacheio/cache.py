@@ -397,8 +397,12 @@ class Cache(CacheBase):
 
     def restore_lock(self, name: str, owner: str) -> Lock:
         """A handle on a lock that ``owner`` acquired elsewhere (another process or request)."""
-        info = self.store.lock_info(self._key(name))
         lock = self.lock(name, ttl=None, owner=owner)
+        if self._ha_node is not None:  # active-active: the lease a majority holds
+            held = self._ha_node.restore_lock(self._key(name), owner)
+            lock.fence, lock.ttl = held.fence, held.ttl
+            return lock
+        info = self.store.lock_info(self._key(name))
         if info is not None and info[0] == owner:
             lock.fence = info[2]
             if info[1] is not None:
