@@ -34,7 +34,7 @@ import logging
 import sqlite3
 from typing import TYPE_CHECKING
 
-from ..codec import INT64_MAX, INT64_MIN, TAG_INT, TAG_TOMBSTONE, payload_size
+from ..codec import INT64_MAX, INT64_MIN, TAG_INT, TAG_TOMBSTONE, Payload, payload_size
 from ..replication.records import CounterRow
 
 if TYPE_CHECKING:
@@ -49,13 +49,9 @@ SQL_GET = ("SELECT base_hlc, base_node, total, origin_seq FROM counters "
            "WHERE key = ? AND origin = ?")
 SQL_PUT = ("INSERT OR REPLACE INTO counters(key, origin, base_hlc, base_node, total, "
            "origin_seq, expire_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
-# total(): a float sum that cannot overflow; the exact sum is recomputed in Python (_exact)
-SQL_SUM = ("SELECT total(total), count(*), max(expire_at IS NULL), max(expire_at) "
-           "FROM counters WHERE key = ? AND base_hlc = ? AND base_node = ?")
-SQL_TOTALS = "SELECT total FROM counters WHERE key = ? AND base_hlc = ? AND base_node = ?"
-SQL_SUM_OTHERS = ("SELECT total(total), count(*), max(expire_at IS NULL), max(expire_at) "
-                  "FROM counters WHERE key = ? AND base_hlc = ? AND base_node = ? "
-                  "AND origin != ?")
+# summed in Python (``_sum``): exact, where SQLite's sum() raises past 64 bits
+SQL_ON_BASE = ("SELECT origin, total, expire_at FROM counters "
+               "WHERE key = ? AND base_hlc = ? AND base_node = ?")
 SQL_ENTRY_PUT = ("INSERT OR REPLACE INTO entries(key, tag, value, expire_at, size, hlc, node) "
                  "VALUES (?, ?, ?, ?, ?, ?, ?)")
 SQL_ENTRY_ADD = "UPDATE entries SET value = ?, expire_at = ? WHERE key = ?"
@@ -84,9 +80,31 @@ def _bounded(key: str, value: int) -> int:
     return bound
 
 
-def _exact(conn: sqlite3.Connection, key: str, base: tuple[int, str]) -> int:
-    """The exact sum of the contributions on ``base`` (SQLite's sum() raises on overflow)."""
-    return sum(int(t) for (t,) in conn.execute(SQL_TOTALS, (key, *base)))
+def _sum(conn: sqlite3.Connection, key: str, base: tuple[int, str],
+         without: str | None = None) -> tuple[int, int, float | None]:
+    """The contributions on ``base`` (but ``without``'s): (their exact sum, how many, the
+    latest expiry they asked for: None if one asked for none, or if there are none)."""
+    total = count = 0
+    latest: float | None = None
+    never = False
+    for origin, contribution, expire_at in conn.execute(SQL_ON_BASE, (key, *base)):
+        if origin == without:
+            continue
+        total += int(contribution)
+        count += 1
+        if expire_at is None:
+            never = True
+        elif latest is None or expire_at > latest:
+            latest = expire_at
+    return total, count, None if never else latest
+
+
+def _any(txn: Txn) -> bool:
+    """Whether the store holds any contribution: read once a transaction (most stores of
+    a cluster count nothing, and a set of an integer need not look for its counter)."""
+    if txn.contributions is None:
+        txn.contributions = txn.conn.execute(SQL_ANY).fetchone() is not None
+    return txn.contributions
 
 
 def _live(row: tuple[int, object, float | None, int, str] | None, now: float) -> bool:
@@ -95,9 +113,8 @@ def _live(row: tuple[int, object, float | None, int, str] | None, now: float) ->
 
 def _materialize(txn: Txn, key: str, base: tuple[int, str]) -> int:
     """Write the counter of a base of value 0: the sum of its contributions."""
-    _, count, never, latest = txn.conn.execute(SQL_SUM, (key, *base)).fetchone()
-    value = _bounded(key, _exact(txn.conn, key, base))
-    expire = None if never else latest
+    total, _, expire = _sum(txn.conn, key, base)
+    value = _bounded(key, total)
     txn.conn.execute(SQL_ENTRY_PUT, (key, TAG_INT, value, expire, len(key) + payload_size(value),
                                      base[0], base[1]))
     txn.inserted += 1
@@ -136,18 +153,17 @@ def local_incr(store: Store, txn: Txn, key: str, delta: int, expire_if_new: floa
         conn.execute(SQL_ENTRY_ADD, (value, expire, key))
         counter_expire = expire
     else:  # a base of value 0: every node's contribution on it, this one's new total
-        _, _, never, latest = conn.execute(SQL_SUM_OTHERS, (key, *base, node)).fetchone()
-        others = _exact(conn, key, base) - (int(previous[2]) if previous is not None
-                                            and (previous[0], previous[1]) == base else 0)
+        others, count, latest = _sum(conn, key, base, without=node)
         value = others + total
         if not INT64_MIN <= value <= INT64_MAX:
             raise OverflowError(f"incrementing {key!r} by {delta} leaves the 64-bit range")
-        counter_expire = expire if never is None else later(expire, None if never else latest)
+        counter_expire = later(expire, latest) if count else expire
         conn.execute(SQL_ENTRY_PUT, (key, TAG_INT, value, counter_expire,
                                      len(key) + payload_size(value), base[0], base[1]))
         txn.inserted += 1
     seq = store.record(txn, "incr", key, TAG_INT, value, expire, delta, base, total)
     conn.execute(SQL_PUT, (key, node, base[0], base[1], total, seq, expire))
+    txn.contributions = True
     return value, counter_expire
 
 
@@ -169,6 +185,7 @@ def apply_contribution(txn: Txn, c: CounterRow, floor: tuple[int, str]) -> bool:
             return False
         if before == base:
             old = int(previous[2])
+    txn.contributions = True
     conn.execute(SQL_PUT, (c.key, c.origin, c.base_hlc, c.base_node, c.total, c.origin_seq,
                            c.expire_at))
     if base > current:
@@ -183,18 +200,18 @@ def apply_contribution(txn: Txn, c: CounterRow, floor: tuple[int, str]) -> bool:
     return True
 
 
-def after_write(txn: Txn, key: str, tag: int, expire_at: float | None,
+def after_write(txn: Txn, key: str, tag: int, value: Payload | None, expire_at: float | None,
                 version: tuple[int, str]) -> None:
-    """A set or delete applied from a peer starts base ``version``: count the contributions
-    that arrived before it."""
-    _, count, never, latest = txn.conn.execute(SQL_SUM, (key, *version)).fetchone()
+    """A set or delete applied from a peer (of ``value``, its row's now) starts base
+    ``version``: count the contributions that arrived before it."""
+    if not _any(txn):
+        return
+    total, count, latest = _sum(txn.conn, key, version)
     if not count:
         return
     if tag == TAG_INT:
-        row = txn.conn.execute(SQL_ROW, (key,)).fetchone()
-        txn.conn.execute(SQL_ENTRY_ADD, (_bounded(key, int(row[1]) + _exact(txn.conn, key,
-                                                                              version)),
-                                         later(expire_at, None if never else latest), key))
+        txn.conn.execute(SQL_ENTRY_ADD, (_bounded(key, int(value or 0) + total),
+                                         later(expire_at, latest), key))
     elif tag == TAG_TOMBSTONE:
         _materialize(txn, key, version)
 

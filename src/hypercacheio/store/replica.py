@@ -176,9 +176,6 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
         # active-active only: a primary/secondary stream is ordered by its own positions
         vector = mesh.Vector(conn, store.node_id) if txn.clustered and store.multi_writer \
             else None
-        # a set or delete counts contributions waiting for its base: none without any
-        # (one read a batch rather than one a record)
-        waiting = vector is not None and conn.execute(counters.SQL_ANY).fetchone() is not None
         for record in batch:
             op, key, hlc, node = record.op, record.key, record.hlc, record.node
             if record.origin_seq and vector is not None:
@@ -194,7 +191,6 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
                 counted = counters.apply_contribution(txn, CounterRow(
                     key, node, record.base_hlc, record.base_node or "", record.total,
                     record.origin_seq, record.expire_at), floor)
-                waiting = True
                 if counted and relay:
                     _relay(conn, record)
                 applied += counted
@@ -208,17 +204,18 @@ def apply(store: Store, records: Iterable[Record], *, relay: bool = False,
                     key, record.tag, value, record.expire_at,
                     len(key) + payload_size(value), hlc, node)).rowcount
                 txn.inserted += done
-                if done > 0 and record.tag == TAG_INT and waiting:
-                    counters.after_write(txn, key, TAG_INT, record.expire_at, (hlc, node))
+                if done > 0 and record.tag == TAG_INT:
+                    counters.after_write(txn, key, TAG_INT, value, record.expire_at,
+                                         (hlc, node))
             elif op == DELETE:
                 until = record.expire_at
                 if until is None:
                     until = txn.now + TOMBSTONE_SECONDS
                 done = conn.execute(SQL_APPLY_PUT, (
                     key, TAG_TOMBSTONE, None, until, 0, hlc, node)).rowcount
-                if done > 0 and waiting:
+                if done > 0:
                     assert key is not None  # _check
-                    counters.after_write(txn, key, TAG_TOMBSTONE, until, (hlc, node))
+                    counters.after_write(txn, key, TAG_TOMBSTONE, None, until, (hlc, node))
             elif op == TOUCH:
                 done = conn.execute(SQL_APPLY_TOUCH, (
                     record.expire_at, hlc, node, key, hlc, node)).rowcount

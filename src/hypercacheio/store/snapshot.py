@@ -145,5 +145,6 @@ def put_row(txn: Txn, row: SnapshotRow) -> bool:
     txn.changed.append(row.key)
     txn.inserted += row.tag != TAG_TOMBSTONE
     if row.tag in (TAG_INT, TAG_TOMBSTONE):
-        counters.after_write(txn, row.key, row.tag, row.expire_at, (row.hlc, row.node))
+        counters.after_write(txn, row.key, row.tag, value, row.expire_at,
+                             (row.hlc, row.node))
     return True

@@ -25,7 +25,8 @@ class Txn:
     transaction: a lock grant or a purge that needs none leaves the clock as it is.
     """
 
-    __slots__ = ("conn", "now", "changed", "everything", "inserted", "_store", "_hlc")
+    __slots__ = ("conn", "now", "changed", "everything", "inserted", "contributions",
+                 "_store", "_hlc")
 
     def __init__(self, store: Store, conn: sqlite3.Connection, now: float) -> None:
         self.conn = conn
@@ -33,6 +34,7 @@ class Txn:
         self.changed: list[str] = []
         self.everything = False
         self.inserted = 0
+        self.contributions: bool | None = None  # whether ``counters`` holds any (counters.py)
         self._store = store
         self._hlc = 0
 
