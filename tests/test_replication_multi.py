@@ -35,6 +35,7 @@ from hypercacheio.replication.frames import (
 from hypercacheio.replication.records import CLEAR, DELETE, INCR, SET, TOUCH
 from hypercacheio.store import Store
 from hypercacheio.store.mesh import BUCKETS
+from test_replication_store import V1_TABLES
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -677,15 +678,7 @@ def test_a_version_1_database_becomes_a_multi_writer_store(tmp_path: Path) -> No
     directory = tmp_path / "v1"
     directory.mkdir()
     conn = sqlite3.connect(directory / "hypercacheio.sqlite")
-    conn.executescript("""
-    CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
-    CREATE TABLE entries (key TEXT PRIMARY KEY, tag INTEGER NOT NULL, value, expire_at REAL,
-        size INTEGER NOT NULL, hlc INTEGER NOT NULL, node TEXT NOT NULL) WITHOUT ROWID;
-    CREATE TABLE locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expire_at REAL,
-        fence INTEGER NOT NULL, acquired_at REAL NOT NULL) WITHOUT ROWID;
-    CREATE TABLE oplog (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT,
-        tag INTEGER, value, expire_at REAL, hlc INTEGER NOT NULL, node TEXT NOT NULL);
-    INSERT INTO meta VALUES ('schema_version', 1), ('node_id', 'v1node'), ('fence', 3);
+    conn.executescript(V1_TABLES + """
     INSERT INTO entries VALUES ('n', 0, 4, NULL, 9, 123 << 16, 'v1node');
     INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node)
         VALUES ('set', 'n', 0, 4, NULL, 123 << 16, 'v1node');

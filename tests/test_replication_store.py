@@ -415,7 +415,8 @@ def test_snapshot_carries_the_last_clear(primary: Store, secondary: Store) -> No
 # ---- the schema ---------------------------------------------------------------------------
 
 
-V1_SCHEMA = """
+# a version-1 database of node 'v1node' (its rows: each test adds its own)
+V1_TABLES = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE entries (key TEXT PRIMARY KEY, tag INTEGER NOT NULL, value, expire_at REAL,
     size INTEGER NOT NULL, hlc INTEGER NOT NULL, node TEXT NOT NULL) WITHOUT ROWID;
@@ -424,6 +425,8 @@ CREATE TABLE locks (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expire_at REAL,
 CREATE TABLE oplog (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, key TEXT,
     tag INTEGER, value, expire_at REAL, hlc INTEGER NOT NULL, node TEXT NOT NULL);
 INSERT INTO meta VALUES ('schema_version', 1), ('node_id', 'v1node'), ('fence', 3);
+"""
+V1_SCHEMA = V1_TABLES + """
 INSERT INTO entries VALUES ('old', 2, 'kept', NULL, 7, 123 << 16, 'v1node');
 INSERT INTO oplog(op, key, tag, value, expire_at, hlc, node)
     VALUES ('set', 'old', 2, 'kept', NULL, 123 << 16, 'v1node');
