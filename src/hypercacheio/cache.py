@@ -158,7 +158,7 @@ class Cache(CacheBase):
             from .replication.forward import become_secondary
 
             become_secondary(self)
-        elif s.ha_enabled and s.peer_addrs:
+        elif s.active_active:
             # Active-active: writes stay local (the node ships the oplog), but add and
             # locks are cluster-wide: decided by the local node with a majority.
             from .node.client import RemoteCache

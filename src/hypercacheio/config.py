@@ -270,6 +270,13 @@ class Settings:
         put(self, "ha_local_add", parse_bool("HYPERCACHEIO_HA_LOCAL_ADD", self.ha_local_add))
 
     @property
+    def active_active(self) -> bool:
+        """True when this host's node runs the active-active mesh (HA enabled with peers,
+        and not a secondary): the node starts it, ``Cache`` sends add and locks to it,
+        ``stats`` shows it."""
+        return self.ha_enabled and bool(self.peer_addrs) and self.role != "secondary"
+
+    @property
     def clustered(self) -> bool:
         """True when writes must be kept for replication (tombstones, oplog)."""
         return bool(self.secondary_urls) or (self.ha_enabled and bool(self.peer_addrs))

@@ -20,7 +20,6 @@ from ..errors import HypercacheioError
 from ..store import DB_NAME
 from .common import directory_option, err, load_settings, out, show_storage
 from .replication import (
-    is_mesh,
     mesh_state,
     print_mesh,
     print_replication,
@@ -93,7 +92,7 @@ def stats(directory: str | None, as_json: bool) -> None:
     with open_cache(directory) as cache:
         figures = cache.store.stats()
         settings = cache.settings
-        wanted = bool(settings.secondary_urls) or is_mesh(settings)
+        wanted = bool(settings.secondary_urls) or settings.active_active
         node = running_node(settings) if wanted else None  # one /ping for both
         replication = replication_state(settings, cache.store, node)
         mesh = mesh_state(settings, cache.store, node)

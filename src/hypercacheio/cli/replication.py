@@ -57,11 +57,6 @@ def running_node(settings: Settings) -> RunningNode:
     return found.url, doc, f"running (pid {found.pid}) on {found.url}"
 
 
-def is_mesh(settings: Settings) -> bool:
-    """True when this host's node runs active-active (as the daemon decides it)."""
-    return settings.ha_enabled and bool(settings.peer_addrs) and settings.role != "secondary"
-
-
 def replication_state(settings: Settings, store: Store,
                       node: RunningNode | None = None) -> dict[str, Any] | None:
     """What ``stats`` shows of replication: on a primary, per secondary (from the running
@@ -113,7 +108,7 @@ def mesh_state(settings: Settings, store: Store,
     ``mesh:<address>``), and the version vector (per origin, the writes applied here);
     with the running node's ``/ping``, per peer also the link, handshake, lag, last
     contact, rates, conflicts and clock skew. None when this host is not in a mesh."""
-    if not is_mesh(settings):
+    if not settings.active_active:
         return None
     position = store.oplog_position()
     persisted = {pos.peer[len(MESH_PEER_PREFIX):]: pos for pos in store.peer_positions()
@@ -236,6 +231,6 @@ def print_mesh(state: dict[str, Any]) -> None:
     console.print(vector)
 
 
-__all__ = ["MESH_PEER_PREFIX", "PRIMARY_PEER_PREFIX", "backlog_seconds", "is_mesh",
+__all__ = ["MESH_PEER_PREFIX", "PRIMARY_PEER_PREFIX", "backlog_seconds",
            "mesh_state", "print_mesh", "print_replication", "replication_state",
            "running_node"]

@@ -195,7 +195,7 @@ async def serve(settings: Settings, options: NodeOptions, token: str, *, version
         gate = ConnectionGate(runner.server, state,
                               connection_cap(options.max_connections, fd_limit),
                               options.read_timeout)
-        if settings.ha_enabled and settings.peer_addrs and settings.role != "secondary":
+        if settings.active_active:
             # before the API listens: a request answered in between would take the
             # standalone path (a lock or an add granted locally, a write of a new store
             # not yet marked multi-writer, so never streamed), found by tests/cluster
